@@ -1,0 +1,140 @@
+"""Containers for factored approximations of a weight matrix.
+
+``KronFactors`` holds ``W_hat = sum_i A[i] kron B[i]`` (optionally with an input
+channel permutation); ``LowRankFactors`` holds ``W_hat = U @ V``. Both keep the
+arrays in the kind (numpy or torch) and device they were computed for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["KronFactors", "LowRankFactors"]
+
+
+def _xp_kron(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.kron(a, b)
+    return np.kron(a, b)
+
+
+@dataclass
+class KronFactors:
+    """A sum of Kronecker products ``W_hat = (sum_i A[i] kron B[i]) P^T``.
+
+    Attributes
+    ----------
+    A : array, shape (rank, m1, n1)
+    B : array, shape (rank, m2, n2)
+    perm : int array of shape (n,) or None
+        Input-channel permutation with ``W[:, perm] ~ sum_i A[i] kron B[i]``, so
+        that ``W_hat @ x == (sum_i A[i] kron B[i]) @ x[perm]`` (a gather at run
+        time). ``None`` means the identity.
+    singular_values : array or None
+        Singular values of the (possibly whitened) rearranged matrix that
+        produced the factors, all of them when known (not only the kept ones).
+    history : list of float
+        Objective values per iteration for iterative solvers (ALS), else empty.
+    info : dict
+        Solver details (method, damping, iterations, timings).
+    """
+
+    A: Any
+    B: Any
+    perm: Any = None
+    singular_values: Any = None
+    history: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        return int(self.A.shape[1]), int(self.A.shape[2])
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        return int(self.B.shape[1]), int(self.B.shape[2])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape (m, n) = (m1*m2, n1*n2) of the approximated matrix."""
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        return m1 * m2, n1 * n2
+
+    @property
+    def num_params(self) -> int:
+        """Stored numbers: rank * (m1*n1 + m2*n2) (the permutation is integer metadata)."""
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        return self.rank * (m1 * n1 + m2 * n2)
+
+    @property
+    def forward_macs(self) -> int:
+        """Multiply-adds per input vector of the cheaper contraction order.
+
+        With x reshaped row-major to X (n1 x n2), ``(A kron B) x = vec(A X B^T)``:
+        ``(A X) B^T`` costs ``r*m1*n2*(n1 + m2)`` and ``A (X B^T)`` costs
+        ``r*m2*n1*(n2 + m1)``; compare with ``m*n`` for the dense layer.
+        """
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        r = self.rank
+        b_first = r * m2 * n1 * (n2 + m1)
+        a_first = r * m1 * n2 * (n1 + m2)
+        return int(min(a_first, b_first))
+
+    def to_dense(self):
+        """The dense ``m x n`` matrix ``W_hat`` in the original column order."""
+        K = _xp_kron(self.A[0], self.B[0])
+        for i in range(1, self.rank):
+            K = K + _xp_kron(self.A[i], self.B[i])
+        if self.perm is None:
+            return K
+        if isinstance(K, torch.Tensor):
+            inv = torch.argsort(torch.as_tensor(self.perm, device=K.device))
+        else:
+            inv = np.argsort(np.asarray(self.perm))
+        return K[:, inv]
+
+    def truncate(self, rank: int) -> "KronFactors":
+        """The first ``rank`` terms (terms are ordered by decreasing importance)."""
+        if not 1 <= rank <= self.rank:
+            raise ValueError(f"rank must be in [1, {self.rank}], got {rank}")
+        return KronFactors(self.A[:rank], self.B[:rank], self.perm, self.singular_values,
+                           list(self.history), dict(self.info))
+
+
+@dataclass
+class LowRankFactors:
+    """A low-rank product ``W_hat = U @ V`` with U (m, rank) and V (rank, n)."""
+
+    U: Any
+    V: Any
+    singular_values: Any = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.U.shape[0]), int(self.V.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        m, n = self.shape
+        return self.rank * (m + n)
+
+    @property
+    def forward_macs(self) -> int:
+        m, n = self.shape
+        return self.rank * (m + n)
+
+    def to_dense(self):
+        return self.U @ self.V
