@@ -16,12 +16,6 @@ import torch
 __all__ = ["KronFactors", "LowRankFactors"]
 
 
-def _xp_kron(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.kron(a, b)
-    return np.kron(a, b)
-
-
 @dataclass
 class KronFactors:
     """A sum of Kronecker products ``W_hat = (sum_i A[i] kron B[i]) P^T``.
@@ -89,10 +83,17 @@ class KronFactors:
         return int(min(a_first, b_first))
 
     def to_dense(self):
-        """The dense ``m x n`` matrix ``W_hat`` in the original column order."""
-        K = _xp_kron(self.A[0], self.B[0])
-        for i in range(1, self.rank):
-            K = K + _xp_kron(self.A[i], self.B[i])
+        """The dense ``m x n`` matrix ``W_hat`` in the original column order.
+
+        Formed as ``R^{-1}(vec(A)^T vec(B))``: one (m1 n1, r) x (r, m2 n2) product
+        (cost ``r*m*n``), no explicit Kronecker products.
+        """
+        from ._rearrange import inverse_rearrange
+
+        r = self.rank
+        Ahat = self.A.reshape(r, -1)
+        Bhat = self.B.reshape(r, -1)
+        K = inverse_rearrange(Ahat.T @ Bhat, self.a_shape, self.b_shape)
         if self.perm is None:
             return K
         if isinstance(K, torch.Tensor):
@@ -101,7 +102,7 @@ class KronFactors:
             inv = np.argsort(np.asarray(self.perm))
         return K[:, inv]
 
-    def truncate(self, rank: int) -> "KronFactors":
+    def truncate(self, rank: int) -> KronFactors:
         """The first ``rank`` terms (terms are ordered by decreasing importance)."""
         if not 1 <= rank <= self.rank:
             raise ValueError(f"rank must be in [1, {self.rank}], got {rank}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["rearrange", "inverse_rearrange", "factor_shapes", "check_a_shape"]
+__all__ = ["check_a_shape", "factor_shapes", "inverse_rearrange", "rearrange"]
 
 
 def _divisors(k: int) -> list[int]:

@@ -1,0 +1,260 @@
+"""Replace a model's linear layers by Kronecker sums or low-rank products.
+
+``compress(model, method=..., ratio=..., calibration=...)`` is the one call a
+researcher makes: it picks each layer's factor shape and rank within the
+budget, fits the factors with the chosen method, swaps the layer for a
+:class:`~kronlab.layers.KronLinear` (or :class:`~kronlab.layers.LowRankLinear`),
+and returns the new model with a per-layer report.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+__all__ = ["METHODS", "LayerReport", "CompressionReport", "compress", "compress_layer"]
+
+METHODS = ("kron", "kron-aa", "svd", "svd-aa")
+_AA = {"kron-aa", "svd-aa"}
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer (errors are relative; output error needs a covariance)."""
+
+    name: str
+    shape: tuple[int, int]
+    method: str
+    rank: int
+    a_shape: tuple[int, int] | None
+    b_shape: tuple[int, int] | None
+    params: int
+    dense_params: int
+    macs: int
+    dense_macs: int
+    weight_error: float
+    output_error: float | None
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer reports and totals for a compressed model."""
+
+    method: str
+    ratio: float
+    macs_ratio: float | None
+    layers: list[LayerReport]
+    model_params_before: int
+    model_params_after: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def layer_params_before(self) -> int:
+        return sum(r.dense_params for r in self.layers)
+
+    @property
+    def layer_params_after(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def macs_before(self) -> int:
+        return sum(r.dense_macs for r in self.layers)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(r.macs for r in self.layers)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.layers)
+
+    def summary(self) -> dict:
+        oe = [r.output_error for r in self.layers if r.output_error is not None]
+        return {
+            "method": self.method,
+            "ratio": self.ratio,
+            "macs_ratio": self.macs_ratio,
+            "layers": len(self.layers),
+            "layer_params_before": self.layer_params_before,
+            "layer_params_after": self.layer_params_after,
+            "layer_params_kept": self.layer_params_after / max(self.layer_params_before, 1),
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "model_params_kept": self.model_params_after / max(self.model_params_before, 1),
+            "macs_kept": self.macs_after / max(self.macs_before, 1),
+            "mean_weight_error": sum(r.weight_error for r in self.layers) / max(len(self.layers), 1),
+            "mean_output_error": (sum(oe) / len(oe)) if oe else None,
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "config": self.config,
+                "layers": [asdict(r) for r in self.layers]}
+
+    def table(self) -> str:
+        """A plain-text per-layer table for the CLI."""
+        head = (f"{'layer':44s} {'shape':>10s} {'A shape':>9s} {'rank':>5s} {'params':>7s} "
+                f"{'macs':>7s} {'e_W':>6s} {'e_Y':>6s} {'s':>5s}")
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            a = "x".join(map(str, r.a_shape)) if r.a_shape else "-"
+            oe = f"{r.output_error:.3f}" if r.output_error is not None else "-"
+            lines.append(
+                f"{r.name[-44:]:44s} {r.shape[0]:>4d}x{r.shape[1]:<5d} {a:>9s} {r.rank:>5d} "
+                f"{r.params / r.dense_params:>7.3f} {r.macs / r.dense_macs:>7.3f} "
+                f"{r.weight_error:>6.3f} {oe:>6s} {r.seconds:>5.1f}")
+        s = self.summary()
+        lines.append("-" * len(head))
+        lines.append(
+            f"{len(self.layers)} layers, {self.method}: layer params kept "
+            f"{s['layer_params_kept']:.3f}, model params {s['model_params_before']:,} -> "
+            f"{s['model_params_after']:,} ({s['model_params_kept']:.3f}), forward MACs kept "
+            f"{s['macs_kept']:.3f}, {s['seconds']:.1f} s")
+        return "\n".join(lines)
+
+
+def _check_args(method: str, ratio: float, macs_ratio: float | None) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if not isinstance(ratio, (int, float)) or not (0 < ratio <= 1) or math.isnan(ratio):
+        raise ValueError(f"ratio must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
+    if macs_ratio is not None and not (0 < macs_ratio):
+        raise ValueError(f"macs_ratio must be positive (forward MACs kept / dense), got {macs_ratio!r}")
+
+
+def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
+                   macs_ratio: float | None = None, cov: torch.Tensor | None = None,
+                   a_shape=None, permute=None, als_iters: int = 3, device=None,
+                   name: str = "layer"):
+    """Fit one (out x in) weight within the budget; return (new_module, LayerReport).
+
+    The parameter budget is ``ratio * m * n`` numbers and the optional compute
+    budget ``macs_ratio * m * n`` multiply-adds per token. Kronecker methods
+    pick the factor shape and rank with :func:`kronlab.choose_kron` (unless
+    ``a_shape`` is given); low-rank methods use the largest rank that fits.
+    """
+    from . import choose_kron, low_rank, nearest_kronecker, relative_error
+    from .layers import KronLinear, LowRankLinear
+
+    _check_args(method, ratio, macs_ratio)
+    if method in _AA and cov is None:
+        raise ValueError(f"method {method!r} needs a calibration covariance (cov)")
+    m, n = W.shape
+    t0 = time.perf_counter()
+    params_budget = ratio * m * n
+    macs_budget = None if macs_ratio is None else macs_ratio * m * n
+    Wd = W.detach().to(device) if device is not None else W.detach()
+    C = None if cov is None else (cov.to(device) if device is not None else cov)
+    aa_cov = C if method in _AA else None
+    info: dict = {}
+    if method.startswith("kron"):
+        choice = choose_kron(Wd, param_budget=params_budget, macs_budget=macs_budget,
+                             cov=aa_cov, shapes=None if a_shape is None else [tuple(a_shape)])
+        factors = nearest_kronecker(Wd, choice.a_shape, choice.rank, cov=aa_cov,
+                                    permute=permute if method == "kron-aa" else None,
+                                    max_iter=als_iters)
+        module = KronLinear.from_factors(factors, bias, dtype=W.dtype, device=W.device)
+        a_sh, b_sh, rank = factors.a_shape, factors.b_shape, factors.rank
+        info.update({k: v for k, v in factors.info.items() if isinstance(v, (int, float, str))})
+    else:
+        budget = params_budget if macs_budget is None else min(params_budget, macs_budget)
+        rank = int(budget // (m + n))
+        if rank < 1:
+            raise ValueError(
+                f"layer {name} ({m}x{n}): ratio {ratio} leaves less than one rank-1 term "
+                f"({m + n} parameters); use ratio >= {(m + n) / (m * n):.4f}")
+        rank = min(rank, min(m, n))
+        factors = low_rank(Wd, rank, cov=aa_cov)
+        module = LowRankLinear.from_factors(factors, bias, dtype=W.dtype, device=W.device)
+        a_sh = b_sh = None
+    seconds = time.perf_counter() - t0
+    w_err = float(relative_error(Wd, factors))
+    o_err = None if C is None else float(relative_error(Wd, factors, cov=C))
+    report = LayerReport(name=name, shape=(int(m), int(n)), method=method, rank=int(rank),
+                         a_shape=a_sh, b_shape=b_sh, params=int(factors.num_params),
+                         dense_params=int(m * n), macs=int(factors.forward_macs),
+                         dense_macs=int(m * n), weight_error=w_err, output_error=o_err,
+                         seconds=seconds, info=info)
+    return module, report
+
+
+def compress(model, *, method: str, ratio: float, calibration=None, covariances=None,
+             layers=None, exclude=None, macs_ratio: float | None = None, permute=None,
+             als_iters: int = 3, in_place: bool = False, device=None, progress: bool = True):
+    """Compress the linear layers of ``model``; return ``(compressed_model, report)``.
+
+    Parameters
+    ----------
+    model : a transformers causal LM (or any ``nn.Module`` with Linear/Conv1D layers)
+    method : "kron" (Van Loan-Pitsianis), "kron-aa" (activation-aware, kronlab's),
+        "svd" (truncated SVD) or "svd-aa" (whitened low rank, as SVD-LLM).
+    ratio : fraction of each compressed layer's parameters kept, in (0, 1].
+    calibration : LongTensor (n_seq, seq_len) of token ids, used to measure
+        each layer's input covariance ``C = X^T X / N``. Needed by the ``-aa``
+        methods; with it, every method's report also gives the output error.
+    covariances : dict name -> C, instead of ``calibration`` (reuse across runs).
+    layers, exclude : name patterns (fnmatch) of the layers to compress; the
+        default is every Linear/Conv1D inside the decoder blocks.
+    macs_ratio : optional budget of forward multiply-adds per token, as a
+        fraction of the dense layer's; a compute-bound user sets it (e.g. 1.0
+        forbids Kronecker sums slower than the dense layer in FLOPs).
+    in_place : modify ``model`` itself; by default a copy is compressed and the
+        input model is left untouched.
+    """
+    from .models import find_linear_layers, linear_weight, set_submodule
+
+    _check_args(method, ratio, macs_ratio)
+    targets = find_linear_layers(model, include=layers, exclude=exclude)
+    if not targets:
+        raise ValueError(f"no linear layers match {layers!r}")
+    if covariances is None and calibration is not None:
+        from .calibration import collect_covariances
+
+        covariances = collect_covariances(model, calibration, list(targets), progress=progress)
+        if isinstance(covariances, tuple):
+            covariances = covariances[0]
+    if method in _AA and covariances is None:
+        raise ValueError(f"method {method!r} needs calibration tokens or covariances")
+    missing = [n for n in targets if covariances is not None and n not in covariances]
+    if method in _AA and missing:
+        raise ValueError(f"no covariance for layers {missing[:5]}...")
+
+    def _count(mod):
+        return sum(p.numel() for p in mod.parameters())
+
+    params_before = _count(model)
+    out = model if in_place else copy.deepcopy(model)
+    reports = []
+    names = list(targets)
+    try:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc=f"compress {method} {ratio:g}", disable=not progress)
+    except ImportError:  # pragma: no cover
+        it = names
+    for name in it:
+        W, bias = linear_weight(out.get_submodule(name))
+        cov = None if covariances is None else covariances.get(name)
+        module, rep = compress_layer(W, bias, method=method, ratio=ratio, macs_ratio=macs_ratio,
+                                     cov=cov, permute=permute, als_iters=als_iters,
+                                     device=device, name=name)
+        set_submodule(out, name, module)
+        reports.append(rep)
+    config = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "permute": permute,
+              "als_iters": als_iters, "layers": layers, "exclude": exclude,
+              "n_layers": len(names)}
+    report = CompressionReport(method=method, ratio=float(ratio), macs_ratio=macs_ratio,
+                               layers=reports, model_params_before=params_before,
+                               model_params_after=_count(out), config=config)
+    return out, report
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
