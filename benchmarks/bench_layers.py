@@ -21,9 +21,17 @@ Regenerate ``data/results/bench_layers.txt`` with::
 
 from __future__ import annotations
 
+import os
+
+# On a shared CPU, OpenMP threads that spin while waiting at barriers steal the
+# core from a descheduled team mate: with the machine oversubscribed, many
+# small parallel products (the Kronecker layer) then run 10-100x slower. A
+# passive wait policy avoids that; it must be set before torch loads OpenMP.
+# Override with OMP_WAIT_POLICY=active on a dedicated machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import sys
@@ -94,7 +102,8 @@ def run(device: torch.device, tokens: int, repeats: int, seed: int = 0) -> list[
                 err = ((kron(x[:, :64]) - ref).norm() / ref.norm()).item()
                 assert err < 1e-4, f"KronLinear disagrees with its dense weight: {err:.2e}"
                 td, tk, tl = _time_rounds(
-                    [lambda: F.linear(x, W, bias), lambda: kron(x), lambda: low(x)], device, reps)
+                    [lambda x=x, W=W, b=bias: F.linear(x, W, b), lambda x=x, k=kron: k(x),
+                     lambda x=x, lo=low: lo(x)], device, reps)
             for name, desc, t, mod in [("kron", f"a={m1}x{n1} r={r} {kron.order}", tk, kron),
                                        ("lowrank", f"r={lr_rank}", tl, low)]:
                 ratio = mod.forward_macs / dense_macs
@@ -118,14 +127,18 @@ def _format_row(r: dict) -> str:
             f"{r['speedup']:9.2f} {r['realised']:9.2f}")
 
 
-def _machine_info(device: torch.device, threads: int) -> list[str]:
+def _machine_info(device: torch.device, threads: int, load_start=None) -> list[str]:
     lines = [
         f"date (UTC): {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"platform: {platform.platform()}; python {platform.python_version()}",
         f"processor: {_cpu_name()}; logical cores: {os.cpu_count()}; torch threads: {threads}",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         f"torch: {torch.__version__}; device: {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
     ]
+    if load_start is not None:
+        lines.append("load average at start (1, 5, 15 min): "
+                     + ", ".join(f"{v:.2f}" for v in load_start))
     if hasattr(os, "getloadavg"):
         lines.append("load average at end (1, 5, 15 min): "
                      + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
@@ -170,6 +183,7 @@ def main(argv=None) -> int:
         p.error("--device cuda requested but CUDA is not available")
     torch.set_num_threads(args.threads)
 
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(HEADER, flush=True)
     t0 = time.perf_counter()
     rows = run(device, args.tokens, args.repeats)
@@ -179,27 +193,27 @@ def main(argv=None) -> int:
     meets = sum(r["realised"] >= 0.5 for r in kron)
     lines = [
         "KronLinear / LowRankLinear forward vs dense nn.Linear (F.linear), float32",
-        f"batch (1, {args.tokens}, n); median of {args.repeats} interleaved rounds "
-        f"(5 for 4096x4096) after 3 warm-up rounds; input permutation and bias included.",
-        "params = layer params / dense weight params (bias excluded); FLOPs = layer "
-        "multiply-adds / dense (m*n) per token;",
+        (f"batch (1, {args.tokens}, n); median of {args.repeats} interleaved rounds "
+         f"(5 for 4096x4096) after 3 warm-up rounds; input permutation and bias included."),
+        ("params = layer params / dense weight params (bias excluded); FLOPs = layer "
+         "multiply-adds / dense (m*n) per token;"),
         "speed-up = dense ms / layer ms; realised = speed-up / (dense MACs / layer MACs).",
         "",
         HEADER,
         *(_format_row(r) for r in rows),
         "",
-        f"Kronecker layers with FLOP ratio < 1 realising at least half of it as speed-up: "
-        f"{meets} of {len(kron)} (target from the issue: all).",
-        f"median realised fraction, Kronecker layers with FLOP ratio < 1: "
-        f"{statistics.median(r['realised'] for r in kron):.2f}",
+        (f"Kronecker layers with FLOP ratio < 1 realising at least half of it as speed-up: "
+         f"{meets} of {len(kron)} (target from the issue: all)."),
+        (f"median realised fraction, Kronecker layers with FLOP ratio < 1: "
+         f"{statistics.median(r['realised'] for r in kron):.2f}"),
         "",
-        *_machine_info(device, torch.get_num_threads()),
+        *_machine_info(device, torch.get_num_threads(), load_start),
         f"benchmark wall time: {elapsed:.0f} s",
         "command: .venv/bin/python benchmarks/bench_layers.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
     ]
     _write_atomic(args.out, "\n".join(lines) + "\n")
-    print("\n".join(lines[-12:]))
+    print("\n".join(lines[-13:]))
     print(f"wrote {args.out}")
     return 0
 

@@ -99,7 +99,9 @@ def randomized_svd(M: torch.Tensor, k: int, *, n_oversamples: int = 10, n_power_
     Omega = torch.randn(q, ell, generator=gen, device=M.device, dtype=M.dtype)
     Q, _ = torch.linalg.qr(M @ Omega)
     for _ in range(n_power_iter):
-        Z, _ = torch.linalg.qr(M.T @ Q)
+        # (Q^T M)^T rather than M^T Q: MKL's transposed GEMM with few columns was measured
+        # 10-40x slower (3 s vs 0.08 s for 4096 x 4096 times 11 columns)
+        Z, _ = torch.linalg.qr((Q.T @ M).T)
         Q, _ = torch.linalg.qr(M @ Z)
     Bsmall = Q.T @ M
     Ub, S, Vh = torch.linalg.svd(Bsmall, full_matrices=False)
