@@ -35,6 +35,7 @@ __all__ = [
     "layer_kind",
     "load_sweep",
     "rearranged_spectrum",
+    "sweep_command",
     "sweep_frame",
 ]
 
@@ -201,6 +202,22 @@ def load_sweep(path) -> dict:
         raise ValueError(f"{path} is not an LLM sweep (missing keys {missing}); expected the "
                          f"output of `{SWEEP_COMMAND}`")
     return sweep
+
+
+def sweep_command(sweep: dict, out=None) -> str:
+    """The one command that reproduces a sweep's configuration (``--out`` if ``out`` is given)."""
+    flags = []
+    for key, value in sweep["config"].items():
+        if value is None or value is False:
+            continue
+        opt = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(opt)
+        else:
+            vals = value if isinstance(value, list) else [value]
+            flags.append(opt + " " + " ".join(str(v) for v in vals))
+    cmd = " ".join([SWEEP_COMMAND] + flags)
+    return cmd + (f" --out {out}" if out is not None else "")
 
 
 def sweep_frame(sweep: dict) -> pd.DataFrame:

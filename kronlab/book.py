@@ -153,8 +153,11 @@ def run_chapter(chapter: str, params: dict | None = None, *, profile: str = "def
     jupytext.write(nb, src_ipynb)
     tmp = dest.with_name(f".{dest.stem}.running.ipynb")
     failed = dest.with_name(f"{dest.stem}.failed.ipynb")
-    env_backup = {k: os.environ.get(k) for k in ("KRONLAB_ROOT", "KRONLAB_FIGURES")}
+    env_backup = {k: os.environ.get(k)
+                  for k in ("KRONLAB_ROOT", "KRONLAB_FIGURES", "OMP_WAIT_POLICY")}
     os.environ["KRONLAB_ROOT"] = str(root)
+    # On a shared CPU, spinning OpenMP threads slow small matmuls by 10-100x.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("KRONLAB_FIGURES", str(out / "_build" / "figures"))
     try:
         pm.execute_notebook(str(src_ipynb), str(tmp), parameters=merged, kernel_name="python3",

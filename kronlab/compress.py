@@ -10,14 +10,13 @@ and returns the new model with a per-layer report.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["METHODS", "LayerReport", "CompressionReport", "compress", "compress_layer"]
+__all__ = ["METHODS", "CompressionReport", "LayerReport", "compress", "compress_layer"]
 
 METHODS = ("kron", "kron-aa", "svd", "svd-aa")
 _AA = {"kron-aa", "svd-aa"}
@@ -187,7 +186,8 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
 
 def compress(model, *, method: str, ratio: float, calibration=None, covariances=None,
              layers=None, exclude=None, macs_ratio: float | None = None, permute=None,
-             als_iters: int = 3, in_place: bool = False, device=None, progress: bool = True):
+             als_iters: int = 3, shape_policy: str = "per-layer", in_place: bool = False,
+             device=None, progress: bool = True):
     """Compress the linear layers of ``model``; return ``(compressed_model, report)``.
 
     Parameters
@@ -205,12 +205,22 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     macs_ratio : optional budget of forward multiply-adds per token, as a
         fraction of the dense layer's; a compute-bound user sets it (e.g. 1.0
         forbids Kronecker sums slower than the dense layer in FLOPs).
+    permute : input-channel permutation for ``kron-aa`` (``"variance"`` sorts the
+        channels by their variance, which makes C closer to Kronecker).
+    als_iters : ALS sweeps for ``kron-aa``.
+    shape_policy : ``"per-layer"`` chooses the factor shape and rank of every layer
+        from its own spectrum; ``"per-type"`` chooses them once per layer type (the
+        name with the block index removed, e.g. ``mlp.down_proj``) on the first
+        layer of that type and reuses them, which is ~30x cheaper on a 30-block
+        model and gives every block the same structure.
     in_place : modify ``model`` itself; by default a copy is compressed and the
         input model is left untouched.
     """
     from .models import find_linear_layers, linear_weight, set_submodule
 
     _check_args(method, ratio, macs_ratio)
+    if shape_policy not in ("per-layer", "per-type"):
+        raise ValueError(f"shape_policy must be 'per-layer' or 'per-type', got {shape_policy!r}")
     targets = find_linear_layers(model, include=layers, exclude=exclude)
     if not targets:
         raise ValueError(f"no linear layers match {layers!r}")
@@ -239,16 +249,21 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         it = tqdm(names, desc=f"compress {method} {ratio:g}", disable=not progress)
     except ImportError:  # pragma: no cover
         it = names
+    chosen: dict = {}
     for name in it:
         W, bias = linear_weight(out.get_submodule(name))
         cov = None if covariances is None else covariances.get(name)
+        key = (_layer_type(name), tuple(W.shape))
+        a_shape = chosen.get(key) if shape_policy == "per-type" else None
         module, rep = compress_layer(W, bias, method=method, ratio=ratio, macs_ratio=macs_ratio,
                                      cov=cov, permute=permute, als_iters=als_iters,
-                                     device=device, name=name)
+                                     a_shape=a_shape, device=device, name=name)
+        if rep.a_shape is not None:
+            chosen.setdefault(key, rep.a_shape)
         set_submodule(out, name, module)
         reports.append(rep)
     config = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "permute": permute,
-              "als_iters": als_iters, "layers": layers, "exclude": exclude,
+              "als_iters": als_iters, "shape_policy": shape_policy, "layers": layers, "exclude": exclude,
               "n_layers": len(names)}
     report = CompressionReport(method=method, ratio=float(ratio), macs_ratio=macs_ratio,
                                layers=reports, model_params_before=params_before,
@@ -256,5 +271,8 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     return out, report
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in patterns)
+def _layer_type(name: str) -> str:
+    """The layer's name without block indices: ``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj``."""
+    parts = name.split(".")
+    idx = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[idx[-1] + 1:]) if idx else name

@@ -22,16 +22,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: no spinning OpenMP threads
 
-from kronlab.calibration import collect_covariances  # noqa: E402
-from kronlab.compress import compress  # noqa: E402
-from kronlab.data import calibration_token_batches, split_corpus  # noqa: E402
-from kronlab.evaluate import generate_sample, perplexity  # noqa: E402
-from kronlab.models import find_linear_layers, load_model  # noqa: E402
+import torch
+
+from kronlab.calibration import collect_covariances
+from kronlab.compress import compress
+from kronlab.data import calibration_token_batches, split_corpus
+from kronlab.evaluate import generate_sample, perplexity
+from kronlab.models import find_linear_layers, load_model
 
 PROMPT = "The most important duty of a government is"
 
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--methods", nargs="+", default=["kron", "kron-aa", "svd", "svd-aa"])
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.8, 0.6, 0.4])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.6, 0.4, 0.8],
+                   help="run in this order (the most informative first)")
     p.add_argument("--macs-matched", action="store_true",
                    help="also run kron-aa with forward MACs capped at the ratio (= svd-aa's)")
     p.add_argument("--calibration", default="sotu")
@@ -68,12 +70,18 @@ def main(argv=None) -> int:
     p.add_argument("--eval", nargs="+", default=["sotu", "austen"])
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--als-iters", type=int, default=3)
+    p.add_argument("--als-iters", type=int, default=2)
+    p.add_argument("--permute", default="variance", choices=["none", "variance"],
+                   help="input-channel permutation for kron-aa")
+    p.add_argument("--shape-policy", default="per-type", choices=["per-type", "per-layer"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "data" / "results" / "llm_sweep.json"))
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
     results = {"config": config, "environment": environment(), "dense": {}, "runs": []}
@@ -115,7 +123,9 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         cmodel, report = compress(model, method=method, ratio=ratio, covariances=covs,
-                                  macs_ratio=macs_ratio, als_iters=args.als_iters)
+                                  macs_ratio=macs_ratio, als_iters=args.als_iters,
+                                  permute=None if args.permute == "none" else args.permute,
+                                  shape_policy=args.shape_policy, progress=False)
         run = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio,
                "compress_seconds": time.perf_counter() - t0, "report": report.to_dict(),
                "ppl": {}}

