@@ -39,8 +39,7 @@ from pathlib import Path
 
 import torch
 
-from kronlab.benchmark import (CASES, HEADER, format_row, machine_info, run_benchmark,
-                               summarize)
+from kronlab.benchmark import CASES, HEADER, format_row, machine_info, run_benchmark, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "data" / "results" / "bench_layers.txt"
