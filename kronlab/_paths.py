@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["repo_root", "data_dir", "results_dir", "figures_dir"]
+__all__ = ["data_dir", "figures_dir", "repo_root", "results_dir"]
 
 
 def repo_root() -> Path:

@@ -15,7 +15,7 @@ def check_a_shape(shape, a_shape) -> tuple[int, int, int, int]:
     try:
         m1, n1 = (int(v) for v in a_shape)
     except (TypeError, ValueError):
-        raise ValueError(f"a_shape must be a pair (m1, n1) of positive integers, got {a_shape!r}")
+        raise ValueError(f"a_shape must be a pair (m1, n1) of positive integers, got {a_shape!r}") from None
     if m1 < 1 or n1 < 1 or m % m1 or n % n1:
         raise ValueError(
             f"a_shape={tuple(a_shape)} does not divide the matrix shape {(m, n)}: "

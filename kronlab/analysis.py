@@ -264,7 +264,7 @@ def error_ppl_correlation(frame: pd.DataFrame, corpus: str) -> dict:
         raise KeyError(f"no column {col!r}; corpora in the frame: "
                        f"{[c[8:] for c in frame.columns if c.startswith('dlogppl_')]}")
     d = frame[[col, "mean_weight_error", "mean_output_error"]].dropna().astype(float)
-    out = {"n": int(len(d))}
+    out = {"n": len(d)}
     for key, c in (("weight", "mean_weight_error"), ("output", "mean_output_error")):
         ok = len(d) >= 3 and d[c].nunique() > 1 and d[col].nunique() > 1
         out[key] = float(d[col].corr(d[c], method="spearman")) if ok else float("nan")

@@ -29,7 +29,7 @@ import yaml
 
 from ._paths import repo_root
 
-__all__ = ["toc_documents", "notebook_chapters", "load_profile", "run_chapter", "build_book"]
+__all__ = ["build_book", "load_profile", "notebook_chapters", "run_chapter", "toc_documents"]
 
 TOP_FILES = ("_config.yml", "_toc.yml")
 

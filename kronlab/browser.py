@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["find_chromium", "dump_dom", "screenshot"]
+__all__ = ["dump_dom", "find_chromium", "screenshot"]
 
 _FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

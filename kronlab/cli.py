@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _parse_value(text: str):

@@ -14,7 +14,7 @@ def _ratio(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"ratio must be a number in (0, 1], got {text!r}")
+        raise ValueError(f"ratio must be a number in (0, 1], got {text!r}") from None
     if not (0 < value <= 1) or math.isnan(value):
         raise ValueError(f"ratio must be in (0, 1] (the fraction of parameters kept), got {value}")
     return value

@@ -13,15 +13,15 @@ import time
 import numpy as np
 
 __all__ = [
+    "fit_power_law",
+    "isotropic_cov",
+    "kronecker_cov",
     "planted_kronecker_sum",
     "power_law_matrix",
     "random_spd",
-    "isotropic_cov",
-    "kronecker_cov",
     "realistic_cov",
     "sample_activations",
     "time_call",
-    "fit_power_law",
 ]
 
 

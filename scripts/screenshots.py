@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kronlab.browser import find_chromium, screenshot  # noqa: E402
+from kronlab.browser import find_chromium, screenshot
 
 DEFAULT_PAGES = ["book/intro", "book/theory", "book/poster"]
 

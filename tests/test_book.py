@@ -65,7 +65,7 @@ def test_every_toc_page_is_built(built_book):
 def test_every_chapter_saved_its_figures(built_book):
     out, html = built_book
     figs = out / "_build" / "figures"
-    for stem, doc in notebook_chapters(ROOT).items():
+    for _stem, doc in notebook_chapters(ROOT).items():
         text = (ROOT / f"{doc}.md").read_text()
         for name in re.findall(r"save_figure\(\s*\w+\s*,\s*[\"']([\w-]+)[\"']", text):
             assert (figs / f"{name}.png").stat().st_size > 1000, name
@@ -99,7 +99,7 @@ def test_math_is_typeset_in_chromium(built_book):
     _, html = built_book
     dom = dump_dom(html / "book" / "intro.html")
     assert dom.count("<mjx-container") >= 5, "MathJax did not typeset the equations"
-    body = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", dom, flags=re.S)
+    body = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", dom, flags=re.DOTALL)
     text = re.sub(r"<[^>]+>", " ", body)
     assert "$$" not in text and "\\(" not in text and "\\[" not in text
     assert not re.search(r"\$[^$\s][^$]*\$", text), "raw $...$ left on the page"

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import tiny_gpt2, tiny_llama  # noqa: E402
+from tiny_model import tiny_gpt2, tiny_llama
 
-from kronlab.compress import METHODS, compress  # noqa: E402
-from kronlab.layers import KronLinear, LowRankLinear  # noqa: E402
-from kronlab.models import find_linear_layers, linear_weight  # noqa: E402
+from kronlab.compress import METHODS, compress
+from kronlab.layers import KronLinear, LowRankLinear
+from kronlab.models import find_linear_layers, linear_weight
 
 
 def _plant(model, kind, seed=0):
     """Overwrite every decoder linear weight with a planted rank-2 structure."""
     g = torch.Generator().manual_seed(seed)
-    for name, mod in find_linear_layers(model).items():
+    for _name, mod in find_linear_layers(model).items():
         W, _ = linear_weight(mod)
         m, n = W.shape
         if kind == "kron":

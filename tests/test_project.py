@@ -3,10 +3,10 @@
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from kronlab.book import load_profile, notebook_chapters, toc_documents
@@ -63,8 +63,8 @@ def test_profiles_name_only_parameters_of_their_chapter(profile):
     for stem, doc in notebook_chapters(ROOT).items():
         nb = jupytext.read(ROOT / f"{doc}.md")
         cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-        names = set(re.findall(r"^(\w+)\s*=", cell.source, flags=re.M))
-        for name in re.findall(r"^(\w+(?:\s*,\s*\w+)+)\s*=", cell.source, flags=re.M):
+        names = set(re.findall(r"^(\w+)\s*=", cell.source, flags=re.MULTILINE))
+        for name in re.findall(r"^(\w+(?:\s*,\s*\w+)+)\s*=", cell.source, flags=re.MULTILINE):
             names.update(n.strip() for n in name.split(","))
         unknown = set(params[stem]) - names
         assert not unknown, f"profile {profile} sets {unknown} not in {stem}'s parameters cell"
