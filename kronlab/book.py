@@ -162,6 +162,7 @@ def run_chapter(chapter: str, params: dict | None = None, *, profile: str = "def
     try:
         pm.execute_notebook(str(src_ipynb), str(tmp), parameters=merged, kernel_name="python3",
                             cwd=str(dest.parent), log_output=log_output, progress_bar=False)
+        _collapse_injected_parameters(tmp)
         os.replace(tmp, dest)
         failed.unlink(missing_ok=True)
     except BaseException:
@@ -175,6 +176,25 @@ def run_chapter(chapter: str, params: dict | None = None, *, profile: str = "def
             else:
                 os.environ[k] = v
     return dest
+
+
+def _collapse_injected_parameters(path: Path) -> None:
+    """Fold papermill's injected-parameters cell behind a "show" toggle in the site.
+
+    The chapter's own ``parameters`` cell (defaults, with comments) stays in view;
+    the values actually used are one click away.
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    changed = False
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags:
+            tags.append("hide-input")
+            changed = True
+    if changed:
+        nbformat.write(nb, path)
 
 
 def build_html(root=None, out=None, *, strict: bool = True) -> Path:

@@ -87,9 +87,21 @@ def main(argv=None) -> int:
     results = {"config": config, "environment": environment(), "dense": {}, "runs": []}
     if args.resume and out.exists():
         old = json.loads(out.read_text())
-        if old.get("config") == config:
-            results = old
-            print(f"resuming: {len(results['runs'])} runs already in {out}")
+        # Runs can be added to a file whose results-defining settings match; the plan
+        # (methods, ratios, macs-matched) recorded in it becomes the union of both.
+        plan_keys = ("methods", "ratios", "macs_matched", "threads")
+        same = {k: v for k, v in config.items() if k not in plan_keys}
+        old_same = {k: v for k, v in old.get("config", {}).items() if k not in plan_keys}
+        if same != old_same:
+            diff = sorted(k for k in set(same) | set(old_same) if same.get(k) != old_same.get(k))
+            raise SystemExit(f"--resume: {out} was made with different settings {diff}; "
+                             "use another --out")
+        results = old
+        oc = results["config"]
+        oc["methods"] = list(dict.fromkeys(oc["methods"] + config["methods"]))
+        oc["ratios"] = list(dict.fromkeys(oc["ratios"] + config["ratios"]))
+        oc["macs_matched"] = bool(oc.get("macs_matched") or config["macs_matched"])
+        print(f"resuming: {len(results['runs'])} runs already in {out}")
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
