@@ -126,9 +126,11 @@ def main(argv=None) -> int:
         results["dense"]["parameters"] = sum(p.numel() for p in model.parameters())
         write_json_atomic(results, out)
 
-    plan = [(m, r, None) for r in args.ratios for m in args.methods]
-    if args.macs_matched:
-        plan += [("kron-aa", r, r) for r in args.ratios]
+    plan = []
+    for r in args.ratios:  # each ratio's runs together, the macs-matched one first
+        if args.macs_matched:
+            plan.append(("kron-aa", r, r))
+        plan += [(m, r, None) for m in args.methods]
     done = {(r["method"], r["ratio"], r["macs_ratio"]) for r in results["runs"]}
     for method, ratio, macs_ratio in plan:
         if (method, ratio, macs_ratio) in done:
