@@ -228,8 +228,6 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         from .calibration import collect_covariances
 
         covariances = collect_covariances(model, calibration, list(targets), progress=progress)
-        if isinstance(covariances, tuple):
-            covariances = covariances[0]
     if method in _AA and covariances is None:
         raise ValueError(f"method {method!r} needs calibration tokens or covariances")
     missing = [n for n in targets if covariances is not None and n not in covariances]

@@ -43,6 +43,17 @@ def _factor_dtype(x, dtype):
     return t.dtype if t.is_floating_point() else torch.get_default_dtype()
 
 
+def _init_factor_pair(P, Q, bias, in_features: int, rank: int) -> None:
+    """Normal factors whose product has ``Var(W_hat_ij) = 1/(3n)``, as ``nn.Linear``'s init."""
+    std = (1.0 / (3.0 * in_features * rank)) ** 0.25
+    with torch.no_grad():
+        nn.init.normal_(P, std=std)
+        nn.init.normal_(Q, std=std)
+        if bias is not None:
+            bound = 1.0 / math.sqrt(in_features)
+            nn.init.uniform_(bias, -bound, bound)
+
+
 class KronLinear(nn.Module):
     r"""Linear layer with weight ``W_hat = (sum_i A_i kron B_i) P^T``.
 
@@ -115,13 +126,7 @@ class KronLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Random init with ``Var(W_hat_ij) = 1/(3n)`` like ``nn.Linear``'s."""
-        std = (1.0 / (3.0 * self.in_features * self.rank)) ** 0.25
-        with torch.no_grad():
-            nn.init.normal_(self.A, std=std)
-            nn.init.normal_(self.B, std=std)
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(self.in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
+        _init_factor_pair(self.A, self.B, self.bias, self.in_features, self.rank)
 
     @classmethod
     def from_factors(cls, factors: KronFactors, bias=None, *, dtype=None, device=None,
@@ -291,13 +296,7 @@ class LowRankLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Random init with ``Var(W_hat_ij) = 1/(3n)`` like ``nn.Linear``'s."""
-        std = (1.0 / (3.0 * self.in_features * self.rank)) ** 0.25
-        with torch.no_grad():
-            nn.init.normal_(self.U, std=std)
-            nn.init.normal_(self.V, std=std)
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(self.in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
+        _init_factor_pair(self.U, self.V, self.bias, self.in_features, self.rank)
 
     @classmethod
     def from_factors(cls, factors: LowRankFactors, bias=None, *, dtype=None,

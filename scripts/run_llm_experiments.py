@@ -113,8 +113,6 @@ def main(argv=None) -> int:
     names = list(find_linear_layers(model))
     t0 = time.perf_counter()
     covs = collect_covariances(model, batches, names)
-    if isinstance(covs, tuple):
-        covs = covs[0]
     results["calibration_seconds"] = time.perf_counter() - t0
 
     if not results["dense"]:
