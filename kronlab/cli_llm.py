@@ -32,7 +32,7 @@ def _load_any(spec):
 
 def _cmd_compress(args) -> int:
     from .compress import METHODS, compress
-    from .data import calibration_token_batches, split_corpus
+    from .data import calibration_token_batches, load_text
     from .io import save_compressed
 
     if args.method not in METHODS:
@@ -46,7 +46,7 @@ def _cmd_compress(args) -> int:
     print(f"loaded {args.model or 'smollm2 (default)'} in {time.perf_counter() - t0:.1f} s")
     calib = None
     if args.method.endswith("-aa") or not args.no_output_error:
-        calib_text, _ = split_corpus(args.calibration)
+        calib_text = load_text(args.calibration, "calibration")
         calib = calibration_token_batches(tokenizer, calib_text, n_tokens=args.calib_tokens,
                                           seq_len=args.seq_len, seed=args.seed)
     layers = args.layers.split(",") if args.layers else None
@@ -63,20 +63,14 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .data import list_corpora, split_corpus
+    from .data import load_text
     from .evaluate import count_parameters, generate_sample, perplexity
 
     model, tokenizer = _load_any(args.model)
     results = {"model": args.model or "smollm2", "parameters": count_parameters(model)}
     texts = args.text or ["sotu"]
     for name in texts:
-        if name in list_corpora():
-            _, text = split_corpus(name)
-        elif Path(name).is_file():
-            text = Path(name).read_text()
-        else:
-            raise ValueError(f"--text {name!r} is neither a corpus ({', '.join(list_corpora())}) "
-                             "nor a text file")
+        text = load_text(name, "evaluation")
         res = perplexity(model, tokenizer, text, window=args.window, max_tokens=args.max_tokens)
         results[f"ppl/{name}"] = res
         print(f"{name:>12s}: perplexity {res['perplexity']:.3f} over {res['n_tokens']} tokens")
@@ -102,7 +96,8 @@ def add_commands(sub) -> None:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--layers", default=None, help="comma-separated name patterns (fnmatch)")
-    c.add_argument("--calibration", default="sotu", help="corpus for the calibration covariance")
+    c.add_argument("--calibration", default="sotu", help="calibration text: a stored corpus (its calibration part), "
+                        "'wikitext2' (online, train split) or a text file")
     c.add_argument("--calib-tokens", type=int, default=16384)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
@@ -115,7 +110,8 @@ def add_commands(sub) -> None:
     e = sub.add_parser("evaluate", help="perplexity (and a sample) of a model or a kronlab save")
     e.add_argument("--model", default=None)
     e.add_argument("--text", action="append",
-                   help="corpus name (held-out part) or a text file; repeatable")
+                   help="a stored corpus (its held-out part), 'wikitext2' (online, test "
+                        "split) or a text file; repeatable")
     e.add_argument("--window", type=int, default=1024)
     e.add_argument("--max-tokens", type=int, default=16384)
     e.add_argument("--generate", default=None, help="prompt for a greedy sample")

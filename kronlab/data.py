@@ -42,6 +42,7 @@ __all__ = [
     "encode",
     "list_corpora",
     "load_corpus",
+    "load_text",
     "load_wikitext2",
     "split_corpus",
     "split_documents",
@@ -198,6 +199,27 @@ def load_wikitext2(split: str = "test", *, name: str = "wikitext-2-raw-v1") -> s
             f"could not load WikiText-2 ({name}, {split}) through `datasets`: {exc}. It needs "
             "the internet or a cached copy; offline, use kronlab.data.load_corpus().") from exc
     return "\n\n".join(ds["text"])
+
+
+def load_text(name: str, part: str) -> str:
+    """The ``part`` (``"calibration"`` or ``"evaluation"``) of a named text, as the CLI reads it.
+
+    ``name`` is a stored corpus (:func:`list_corpora`: its :func:`split_corpus` halves),
+    ``"wikitext2"`` (online: the ``train`` split for calibration, ``test`` for evaluation,
+    :func:`load_wikitext2`), or the path of a UTF-8 text file (used whole for either part).
+    """
+    if part not in ("calibration", "evaluation"):
+        raise ValueError(f"part must be 'calibration' or 'evaluation', got {part!r}")
+    if name in _names_or_empty():
+        calib, evaluation = split_corpus(name)
+        return calib if part == "calibration" else evaluation
+    if name == "wikitext2":
+        return load_wikitext2("train" if part == "calibration" else "test")
+    path = Path(name)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise ValueError(f"{name!r} is neither a stored corpus ({', '.join(list_corpora())}), "
+                     "'wikitext2' (needs `datasets` and the internet) nor a text file")
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

@@ -137,3 +137,42 @@ def test_load_wikitext2_clear_error_without_datasets():
             data.load_wikitext2("test")
     else:
         pytest.skip("datasets is installed; the offline error path is not exercised")
+
+
+def test_load_wikitext2_through_a_stand_in_datasets(monkeypatch):
+    """The online path: the call `datasets` gets and the protocol's "\\n\\n" join."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        if split == "validation":
+            raise ConnectionError("offline")
+        return {"text": [" = Title = \n", " first line \n", ""]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    text = data.load_wikitext2("test")
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+    assert text == " = Title = \n\n\n first line \n\n\n"
+    with pytest.raises(RuntimeError, match="load_corpus"):
+        data.load_wikitext2("validation")
+    with pytest.raises(ValueError, match="'train', 'validation' or 'test'"):
+        data.load_wikitext2("dev")
+
+
+def test_load_text_parts(tmp_path, monkeypatch):
+    calib, evaluation = data.split_corpus("austen")
+    assert data.load_text("austen", "calibration") == calib
+    assert data.load_text("austen", "evaluation") == evaluation
+    f = tmp_path / "mine.txt"
+    f.write_text("my own text\n", encoding="utf-8")
+    assert data.load_text(str(f), "evaluation") == "my own text\n"
+    with pytest.raises(ValueError, match="stored corpus .*austen.*'wikitext2'.*text file"):
+        data.load_text("no-such-thing", "evaluation")
+    with pytest.raises(ValueError, match="'calibration' or 'evaluation'"):
+        data.load_text("austen", "test")
+    monkeypatch.setattr(data, "load_wikitext2", lambda split: f"wiki:{split}")
+    assert data.load_text("wikitext2", "calibration") == "wiki:train"
+    assert data.load_text("wikitext2", "evaluation") == "wiki:test"
