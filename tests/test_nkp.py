@@ -218,6 +218,18 @@ def test_kronecker_factor_cov_exact_on_kronecker():
     assert np.linalg.eigvalsh(K1.numpy()).min() > 0 and np.linalg.eigvalsh(K2.numpy()).min() > 0
 
 
+def test_kronecker_factor_cov_large_is_nearest():
+    """At n = 576, n1 = 24 the rank-1 SVD of R(C) (576 x 576) is randomized: still the optimum."""
+    from kronlab.synthetic import realistic_cov
+
+    C = torch.from_numpy(realistic_cov(576, seed=3)[0])
+    K1, K2 = kronecker_factor_cov(C, 24, damping=0.0)
+    s = torch.linalg.svdvals(rearrange(C, (24, 24)))
+    best = float((s[1:] ** 2).sum().sqrt())  # ||C - nearest Kronecker product||_F (Van Loan)
+    got = float((C - torch.kron(K1, K2)).norm())
+    assert got <= best * (1 + 1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(m1=st.integers(1, 4), n1=st.integers(1, 4), m2=st.integers(1, 4), n2=st.integers(1, 4),
        seed=st.integers(0, 2**16), data=st.data())
