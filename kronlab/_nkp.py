@@ -224,7 +224,8 @@ class _Problem:
     def _preconditioner(self, F):
         """Block-Jacobi: the exact diagonal blocks ``G_ii`` (q1 x q1, one per term).
 
-        ``G_ii[j, j'] = sum_{k,k'} (F_i^T F_i)[k,k'] C[(j,k),(j',k')]`` (cost r n^2 + r q1^3).
+        ``G_ii[j, j'] = sum_{k,k'} (F_i^T F_i)[k,k'] C[(j,k),(j',k')]``. Cost
+        ``r n^2 + r q1^3 / 3`` to build and factor, ``2 r q1^2 p1`` per application.
         It keeps all of C's structure (heavy-tailed channel scales included) and drops only
         the coupling between terms, which the SVD-based starts make weak. (A Kronecker
         preconditioner ``K kron C1`` from ``C ~ C1 kron C2`` was tried and is much weaker on
@@ -236,10 +237,27 @@ class _Problem:
         Cp = self.C.reshape(q1, q2, q1, q2).permute(0, 2, 1, 3).reshape(q1 * q1, q2 * q2)
         G = (M @ Cp.T).reshape(r, q1, q1)
         G = 0.5 * (G + G.transpose(1, 2))
-        ev, V = torch.linalg.eigh(G)
-        ev = ev.clamp(min=1e-12 * float(ev.max().clamp(min=1e-300)))
-        Ginv = (V / ev[:, None, :]) @ V.transpose(1, 2)
-        return lambda R: torch.einsum("ijk,aik->aij", Ginv, R)
+        # Batched Cholesky of G_ii + delta_i I (delta_i = 1e-10 mean diag; ~25x cheaper than
+        # the eigendecompositions it replaced, which took 3/4 of the ALS time at rank 335 with
+        # q1 = 384). A block that is still not positive definite (a zero term) falls back to
+        # a clamped eigendecomposition. Any SPD preconditioner keeps CG exact and monotone.
+        diag = torch.diagonal(G, dim1=1, dim2=2)
+        scale = diag.mean(dim=1)
+        # a zero term (F_i = 0) has G_ii = 0: regularise it relative to the other blocks
+        scale = scale.clamp(min=max(1e-12 * float(scale.max()), 1e-300))
+        eye = torch.eye(q1, dtype=G.dtype, device=G.device)
+        L, info = torch.linalg.cholesky_ex(G + (1e-10 * scale)[:, None, None] * eye)
+        bad = torch.nonzero(info).flatten()
+        if bad.numel():
+            ev, V = torch.linalg.eigh(G[bad])
+            ev = ev.clamp(min=1e-10 * float(scale.max()))
+            L[bad] = torch.linalg.cholesky((V * ev[:, None, :]) @ V.transpose(1, 2))
+
+        def apply(R):  # R (p1, r, q1) -> G_ii^{-1} R[a, i] for every row a and term i
+            Z = torch.cholesky_solve(R.permute(1, 2, 0), L)  # (r, q1, p1)
+            return Z.permute(2, 0, 1)
+
+        return apply
 
     def solve_cg(self, F, X0, max_iter, rtol):
         """Preconditioned conjugate gradients on ``G x_a = h_a`` for every row a, from ``X0``.
