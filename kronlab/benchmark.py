@@ -330,3 +330,32 @@ def parse_bench_file(path) -> tuple[list[dict], dict]:
                          "`.venv/bin/python benchmarks/bench_layers.py`")
     return rows, {"header": header, "machine": machine, "notes": notes,
                   "command": machine.get("command", "")}
+
+
+_COMPRESS_TOTAL = re.compile(r"^(\S+)\s+total\s+([\d.]+) s\s+\((.*)\)\s*$")
+_COMPRESS_TYPE = re.compile(r"(\w+) ([\d.]+) s \((\d+), mean ([\d.]+)\)")
+
+
+def parse_compress_bench(path) -> tuple[dict, list[str]]:
+    """Read ``data/results/bench_compress.txt`` (written by ``benchmarks/bench_compress.py``).
+
+    Returns ``(runs, header)``: ``runs[method] = {"total": seconds, "types": {layer type:
+    (seconds, n_layers)}}`` in the file's order, and the file's other lines (machine,
+    configuration, summary). A missing file raises with the command that writes it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no compression benchmark at {path}; it is written by "
+                                "`.venv/bin/python benchmarks/bench_compress.py`")
+    runs, other = {}, []
+    for line in path.read_text().splitlines():
+        mt = _COMPRESS_TOTAL.match(line)
+        if mt:
+            types = {t: (float(s), int(k)) for t, s, k, _ in _COMPRESS_TYPE.findall(mt.group(3))}
+            runs[mt.group(1)] = {"total": float(mt.group(2)), "types": types}
+        elif line.strip():
+            other.append(line)
+    if not runs:
+        raise ValueError(f"{path} has no 'METHOD total SECONDS s (...)' lines; rerun "
+                         "`.venv/bin/python benchmarks/bench_compress.py`")
+    return runs, other

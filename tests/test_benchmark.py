@@ -104,3 +104,22 @@ def test_parse_the_recorded_benchmark():
 def test_parse_missing_file_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="bench_layers.py"):
         benchmark.parse_bench_file(tmp_path / "nope.txt")
+
+
+def test_parse_compress_bench(tmp_path):
+    f = tmp_path / "bench_compress.txt"
+    f.write_text("kronlab benchmark: whole-model compression time, SmolLM2-135M\n"
+                 "210 layers; calibration 8192 SOTU tokens\n\n"
+                 "kron-aa  total   612.5 s  (q_proj 40.1 s (30, mean 1.34), down_proj 300.0 s (30, mean 10.00))\n"
+                 "svd-aa   total    20.0 s  (q_proj 2.0 s (30, mean 0.07))\n"
+                 "kron-aa / svd-aa time: 30.6x\n")
+    runs, other = benchmark.parse_compress_bench(f)
+    assert list(runs) == ["kron-aa", "svd-aa"]
+    assert runs["kron-aa"]["total"] == 612.5
+    assert runs["kron-aa"]["types"] == {"q_proj": (40.1, 30), "down_proj": (300.0, 30)}
+    assert other[-1] == "kron-aa / svd-aa time: 30.6x"
+    with pytest.raises(FileNotFoundError, match="bench_compress.py"):
+        benchmark.parse_compress_bench(tmp_path / "nope.txt")
+    f.write_text("nothing here\n")
+    with pytest.raises(ValueError, match="bench_compress.py"):
+        benchmark.parse_compress_bench(f)
