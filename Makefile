@@ -50,6 +50,7 @@ screenshots: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_nkp.py
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_compress.py
 
 results: $(STAMP)
 	$(PY) scripts/run_llm_experiments.py
