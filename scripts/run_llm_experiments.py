@@ -139,6 +139,7 @@ def main(argv=None) -> int:
                                   permute=None if args.permute == "none" else args.permute,
                                   shape_policy=args.shape_policy, progress=False)
         run = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio,
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "compress_seconds": time.perf_counter() - t0, "report": report.to_dict(),
                "ppl": {}}
         for name, text in eval_texts.items():
