@@ -32,8 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from kronlab._paths import write_atomic  # noqa: E402
+from kronlab.analysis import layer_kind  # noqa: E402
 from kronlab.calibration import collect_covariances  # noqa: E402
-from kronlab.compress import _layer_type, compress  # noqa: E402
+from kronlab.compress import compress  # noqa: E402
 from kronlab.data import calibration_token_batches, split_corpus  # noqa: E402
 from kronlab.models import find_linear_layers, load_model  # noqa: E402
 
@@ -85,8 +87,8 @@ def main(argv=None) -> int:
         totals[method] = time.perf_counter() - t0
         per_type: dict = defaultdict(list)
         for lr in rep.layers:
-            per_type[_layer_type(lr.name)].append(lr.seconds)
-        detail = ", ".join(f"{k.split('.')[-1]} {sum(v):.1f} s ({len(v)}, mean {sum(v) / len(v):.2f})"
+            per_type[layer_kind(lr.name)].append(lr.seconds)
+        detail = ", ".join(f"{k} {sum(v):.1f} s ({len(v)}, mean {sum(v) / len(v):.2f})"
                            for k, v in per_type.items())
         say(f"{method:8s} total {totals[method]:7.1f} s  ({detail})")
     say("")
@@ -100,10 +102,7 @@ def main(argv=None) -> int:
                 say(f"kron-aa / {other} time: {t / totals[other]:.1f}x")
     say(f"load average at end {os.getloadavg()[0]:.1f}")
     if args.blocks is None:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        tmp = OUT.with_suffix(".txt.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, OUT)
+        write_atomic(OUT, "\n".join(lines) + "\n")
         print(f"wrote {OUT}")
     return 0
 

@@ -33,30 +33,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from kronlab._paths import write_atomic
 from kronlab.benchmark import CASES, HEADER, format_row, machine_info, run_benchmark, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "data" / "results" / "bench_layers.txt"
 
 __all__ = ["CASES", "main"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:
@@ -102,7 +90,7 @@ def main(argv=None) -> int:
         "command: .venv/bin/python benchmarks/bench_layers.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
     ]
-    _write_atomic(args.out, "\n".join(lines) + "\n")
+    write_atomic(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines[-13:]))
     print(f"wrote {args.out}")
     return 0

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kronlab._paths import write_atomic
 from kronlab import low_rank, low_rank_rank_for_budget, nearest_kronecker, relative_error
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "results" / "bench_nkp.txt"
@@ -165,10 +166,7 @@ def main():
         part_c(rng, 0.6, 1, args.sweeps)
     say(f"load average at end {os.getloadavg()[0]:.1f}")
     if not args.quick:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        tmp = OUT.with_suffix(".txt.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, OUT)
+        write_atomic(OUT, "\n".join(lines) + "\n")
         print(f"wrote {OUT}")
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
-from ._linalg import check_cov, check_finite, psd_sqrt_pair, to_work
+from ._linalg import check_cov, check_finite, psd_sqrt_pair, sq_singular_values, to_work
 from ._nkp import _whiten, kronecker_factor_cov
 from ._rearrange import check_a_shape, factor_shapes, rearrange
 
@@ -37,12 +36,6 @@ def kron_cost(m1: int, n1: int, m2: int, n2: int, rank: int) -> tuple[int, int]:
     params = rank * (m1 * n1 + m2 * n2)
     macs = min(rank * m1 * n2 * (n1 + m2), rank * m2 * n1 * (n2 + m1))
     return params, macs
-
-
-def _sq_singular_values(R: torch.Tensor) -> torch.Tensor:
-    """Squared singular values of R, descending, from the Gram of its smaller side (float64)."""
-    G = R @ R.T if R.shape[0] <= R.shape[1] else R.T @ R
-    return torch.linalg.eigvalsh(G).flip(0).clamp(min=0)
 
 
 def choose_kron(W, *, param_budget, macs_budget=None, cov=None, shapes=None,
@@ -110,7 +103,7 @@ def choose_kron(W, *, param_budget, macs_budget=None, cov=None, shapes=None,
                 S2, _, _ = psd_sqrt_pair(C2)
                 whitened[n1] = _whiten(Wt, S1, S2)
             Wx = whitened[n1]
-        s2 = _sq_singular_values(rearrange(Wx, (m1, n1)))
+        s2 = sq_singular_values(rearrange(Wx, (m1, n1)))
         tot = float(s2.sum())
         kept = float(s2[:rmax].sum())
         err = (max(tot - kept, 0.0) / tot) ** 0.5 if tot > 0 else 0.0

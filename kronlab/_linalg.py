@@ -169,3 +169,13 @@ def psd_sqrt_pair(C: torch.Tensor, damping: float = 1e-6):
     S = (V * d.sqrt()) @ V.T
     S_inv = (V * d.rsqrt()) @ V.T
     return 0.5 * (S + S.T), 0.5 * (S_inv + S_inv.T), float(damping)
+
+
+def sq_singular_values(M: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of ``M``, descending, from the Gram of its smaller side.
+
+    ``eigvalsh(M M^T)`` or ``eigvalsh(M^T M)`` (clamped at 0): cost ``p q min(p, q)`` plus one
+    ``min(p, q)``-sized eigendecomposition, enough when only the spectrum is wanted.
+    """
+    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return torch.linalg.eigvalsh(G).flip(0).clamp(min=0)

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._linalg import check_cov, psd_sqrt_pair, to_work
+from ._linalg import check_cov, psd_sqrt_pair, sq_singular_values, to_work
 from ._nkp import _parse_perm, _whiten, kronecker_factor_cov
-from ._rearrange import check_a_shape, rearrange
+from ._rearrange import _divisors, check_a_shape, rearrange
 
 __all__ = [
     "SWEEP_COMMAND",
@@ -64,17 +64,10 @@ def divisor_near(k: int, target: float) -> int:
         raise ValueError(f"k must be a positive integer, got {k}")
     if not target > 0:
         raise ValueError(f"target must be positive, got {target}")
-    divs = [d for d in range(1, k + 1) if k % d == 0]
-    return min(divs, key=lambda d: (abs(math.log(d / target)), d))
+    return min(_divisors(k), key=lambda d: (abs(math.log(d / target)), d))
 
 
 # ----------------------------------------------------------------------------- spectra
-
-def _sq_sv(M: torch.Tensor) -> np.ndarray:
-    """Squared singular values of M, descending, via the Gram of its smaller side."""
-    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
-    return torch.linalg.eigvalsh(G).flip(0).clamp(min=0).cpu().numpy()
-
 
 def cumulative_energy(s) -> np.ndarray:
     """``E_k = sum_{i<=k} s_i^2 / sum_i s_i^2`` for singular values ``s`` (any order)."""
@@ -117,7 +110,7 @@ def rearranged_spectrum(W, a_shape=None, cov=None, *, damping: float = 1e-6) -> 
             C1, C2 = kronecker_factor_cov(C, n1, damping=damping)
             Wt = _whiten(Wt, psd_sqrt_pair(C1, damping)[0], psd_sqrt_pair(C2, damping)[0])
         M = rearrange(Wt, (m1, n1))
-    return np.sqrt(_sq_sv(M))
+    return np.sqrt(sq_singular_values(M).cpu().numpy())
 
 
 def energy_curve(W, a_shape=None, cov=None, *, damping: float = 1e-6) -> pd.DataFrame:
@@ -159,16 +152,16 @@ def kronecker_likeness(C, n1: int, *, permute=None) -> float:
     >>> round(kronecker_likeness(np.kron(C1, C2), 2), 12)
     0.0
     """
-    Ct = check_cov(to_work(C, name="cov"), to_work(C, name="cov").shape[0])
+    Ct = to_work(C, name="cov")
+    Ct = check_cov(Ct, Ct.shape[0])
     n = Ct.shape[0]
     if n1 < 1 or n % n1:
-        raise ValueError(f"n1={n1} must divide n={n}; valid n1: "
-                         f"{[d for d in range(1, n + 1) if n % d == 0]}")
+        raise ValueError(f"n1={n1} must divide n={n}; valid n1: {_divisors(n)}")
     p = _parse_perm(permute, n, Ct)
     if p is not None:
         p = p.to(Ct.device)
         Ct = Ct[p][:, p]
-    s2 = _sq_sv(rearrange(Ct, (n1, n1)))
+    s2 = sq_singular_values(rearrange(Ct, (n1, n1))).cpu().numpy()
     tot = float(s2.sum())
     if not tot > 0:
         raise ValueError("C is zero")

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ._factors import KronFactors
+from ._rearrange import check_a_shape
 from .layers import KronLinear, LowRankLinear
 
 __all__ = [
@@ -154,10 +155,7 @@ def bench_case(m: int, n: int, a_shape, rank: int, *, tokens: int = 2048, repeat
     """
     device = torch.device(device)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    m1, n1 = (int(v) for v in a_shape)
-    if m % m1 or n % n1:
-        raise ValueError(f"a_shape {(m1, n1)} must divide the layer shape {(m, n)}")
-    m2, n2 = m // m1, n // n1
+    m1, n1, m2, n2 = check_a_shape((m, n), a_shape)
     if dense is None:
         W = torch.randn(m, n, generator=g).div_(n ** 0.5).to(device)
         bias = torch.randn(m, generator=g).to(device)

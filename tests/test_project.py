@@ -80,3 +80,24 @@ def test_cli_unknown_chapter_is_a_clear_error():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "unknown chapter 'nope'" in proc.stderr and "intro" in proc.stderr
+
+
+def test_write_atomic_all_or_nothing(tmp_path, monkeypatch):
+    import os
+
+    from kronlab._paths import write_atomic
+
+    target = tmp_path / "sub" / "result.txt"
+    write_atomic(target, "first\n")
+    assert target.read_text() == "first\n" and (target.stat().st_mode & 0o777) == 0o644
+    write_atomic(target, b"\x00bytes")
+    assert target.read_bytes() == b"\x00bytes"
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, "second\n")
+    assert target.read_bytes() == b"\x00bytes"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.txt"]
