@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from kronlab._paths import write_atomic  # noqa: E402
+from kronlab.paths import write_atomic  # noqa: E402
 from kronlab.analysis import layer_kind  # noqa: E402
 from kronlab.calibration import collect_covariances  # noqa: E402
 from kronlab.compress import compress  # noqa: E402

@@ -12,39 +12,101 @@ LowRankLinear with the same number of parameters. Reported per row:
 
 Dense, Kronecker and low-rank layers are timed in interleaved rounds (so a
 burst of load from other processes hits all three alike) and the median of the
-rounds is reported.
+rounds is reported. The timing code is :mod:`kronlab.benchmark` (the book's speed
+chapter uses it too).
 
-Regenerate ``data/results/bench_layers.txt`` with::
+Regenerate ``data/results/bench_layers.json`` (rows, summary, configuration and
+machine; read with ``kronlab.results.load_benchmark("bench_layers")``) with::
 
     .venv/bin/python benchmarks/bench_layers.py
+
+OpenMP's wait policy is PASSIVE unless ``OMP_WAIT_POLICY`` is set (see
+:func:`kronlab.runtime.configure_threads`); on a dedicated machine use
+``OMP_WAIT_POLICY=active``.
 """
 
 from __future__ import annotations
 
-import os
-
-# The timing code lives in kronlab.benchmark (the book's speed chapter uses it too).
-# On a shared CPU, OpenMP threads that spin while waiting at barriers steal the
-# core from a descheduled team mate: with the machine oversubscribed, many
-# small parallel products (the Kronecker layer) then run 10-100x slower. A
-# passive wait policy avoids that; it must be set before torch loads OpenMP.
-# Override with OMP_WAIT_POLICY=active on a dedicated machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from kronlab._paths import write_atomic
-from kronlab.benchmark import CASES, HEADER, format_row, machine_info, run_benchmark, summarize
-
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "data" / "results" / "bench_layers.txt"
+sys.path.insert(0, str(ROOT))
 
-__all__ = ["CASES", "main"]
+from kronlab.defaults import SEED, THREADS  # noqa: E402
+from kronlab.paths import results_dir, write_atomic  # noqa: E402
+from kronlab.runtime import configure_threads  # noqa: E402
+
+NAME = "bench_layers"
+TITLE = "KronLinear / LowRankLinear forward vs dense nn.Linear (F.linear), float32"
+WARMUP = 3
+
+__all__ = ["main", "measure", "report"]
+
+
+def _notes(tokens: int, repeats: int, big_repeats: int) -> list[str]:
+    return [
+        (f"batch (1, {tokens}, n); median of {repeats} interleaved rounds "
+         f"({big_repeats} for 4096x4096) after {WARMUP} warm-up rounds; input permutation and "
+         "bias included."),
+        ("params = layer params / dense weight params (bias excluded); FLOPs = layer "
+         "multiply-adds / dense (m*n) per token;"),
+        "speed-up = dense ms / layer ms; realised = speed-up / (dense MACs / layer MACs).",
+        ("note: the CPU may be shared with other processes; timings are medians of "
+         "interleaved rounds, so bursts hit dense and factored layers alike."),
+    ]
+
+
+def measure(cases=None, *, tokens: int = 2048, repeats: int = 15, device: str = "cpu",
+            seed: int = SEED, on_row=None) -> dict:
+    """Run :func:`kronlab.benchmark.run_benchmark` and return the result file's dict.
+
+    Keys: ``benchmark``, ``title``, ``config``, ``notes``, ``rows`` (one dict per layer,
+    see :func:`kronlab.benchmark.bench_case`), ``summary`` (:func:`kronlab.benchmark.summarize`),
+    ``wall_seconds`` and ``machine`` (:func:`kronlab.runtime.machine_info`).
+    """
+    import torch
+
+    from kronlab.benchmark import CASES, run_benchmark, summarize
+    from kronlab.runtime import machine_info
+
+    cases = CASES if cases is None else cases
+    cases = [[int(m), int(n), [int(a) for a in a_shape], [int(r) for r in ranks]]
+             for m, n, a_shape, ranks in cases]
+    big_repeats = max(5, repeats // 3)  # run_benchmark's rounds for layers over 4M weights
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    rows = run_benchmark([(m, n, tuple(a), r) for m, n, a, r in cases], tokens=tokens,
+                         repeats=repeats, big_repeats=big_repeats, device=device, seed=seed,
+                         on_row=on_row)
+    wall = time.perf_counter() - t0
+    config = {"device": str(device), "dtype": "float32", "tokens": tokens, "repeats": repeats,
+              "big_repeats": big_repeats, "warmup": WARMUP, "seed": seed,
+              "threads": torch.get_num_threads(), "cases": cases}
+    return {"benchmark": NAME, "title": TITLE, "config": config,
+            "notes": _notes(tokens, repeats, big_repeats), "rows": rows,
+            "summary": summarize(rows), "wall_seconds": wall,
+            "machine": machine_info(device, load_start=load_start)}
+
+
+def report(result: dict) -> str:
+    """The readable table and summary of a result dict (what the script prints)."""
+    from kronlab.benchmark import HEADER, format_row
+
+    s = result["summary"]
+    return "\n".join([
+        result["title"], *result["notes"][:3], "", HEADER,
+        *(format_row(r) for r in result["rows"]), "",
+        (f"Kronecker layers with FLOP ratio < 1 realising at least half of it as speed-up: "
+         f"{s['meets_half']} of {s['n']}."),
+        f"median realised fraction, Kronecker layers with FLOP ratio < 1: {s['median_realised']:.2f}",
+        f"benchmark wall time: {result['wall_seconds']:.0f} s",
+        f"command: {result['machine']['command']}",
+    ])
 
 
 def main(argv=None) -> int:
@@ -52,46 +114,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help=f"result file (default {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
+    p.add_argument("--out", type=Path, default=results_dir() / f"{NAME}.json",
+                   help=f"result file (default data/results/{NAME}.json)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    configure_threads(args.threads)  # before torch is imported
+    import torch
+
+    from kronlab.benchmark import HEADER, format_row
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available")
-    torch.set_num_threads(args.threads)
-
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(HEADER, flush=True)
-    t0 = time.perf_counter()
-    rows = run_benchmark(CASES, tokens=args.tokens, repeats=args.repeats, device=device,
-                         on_row=lambda r: print(format_row(r), flush=True))
-    elapsed = time.perf_counter() - t0
-
-    summary = summarize(rows)
-    lines = [
-        "KronLinear / LowRankLinear forward vs dense nn.Linear (F.linear), float32",
-        (f"batch (1, {args.tokens}, n); median of {args.repeats} interleaved rounds "
-         f"(5 for 4096x4096) after 3 warm-up rounds; input permutation and bias included."),
-        ("params = layer params / dense weight params (bias excluded); FLOPs = layer "
-         "multiply-adds / dense (m*n) per token;"),
-        "speed-up = dense ms / layer ms; realised = speed-up / (dense MACs / layer MACs).",
-        "",
-        HEADER,
-        *(format_row(r) for r in rows),
-        "",
-        (f"Kronecker layers with FLOP ratio < 1 realising at least half of it as speed-up: "
-         f"{summary['meets_half']} of {summary['n']} (target from the issue: all)."),
-        (f"median realised fraction, Kronecker layers with FLOP ratio < 1: "
-         f"{summary['median_realised']:.2f}"),
-        "",
-        *machine_info(device, torch.get_num_threads(), load_start),
-        f"benchmark wall time: {elapsed:.0f} s",
-        "command: .venv/bin/python benchmarks/bench_layers.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-    ]
-    write_atomic(args.out, "\n".join(lines) + "\n")
-    print("\n".join(lines[-13:]))
+    result = measure(tokens=args.tokens, repeats=args.repeats, device=args.device,
+                     on_row=lambda r: print(format_row(r), flush=True))
+    write_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    print(report(result))
     print(f"wrote {args.out}")
     return 0
 

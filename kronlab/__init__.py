@@ -2,33 +2,58 @@
 
 The algorithms are plain functions on numpy arrays or torch tensors; the layers,
 calibration, compression and evaluation code build on them.
+
+The names below load on first use (PEP 562), so ``import kronlab`` (and
+``kronlab.defaults``, ``kronlab.runtime``) do not import torch: a script can set the
+OpenMP wait policy with :func:`kronlab.runtime.configure_threads` first.
 """
 
-from ._choose import KronChoice, choose_kron, kron_cost
-from ._compare import COMPARE_METHODS, fit_methods, method_errors
-from ._factors import KronFactors, LowRankFactors
-from ._lowrank import low_rank, low_rank_rank_for_budget
-from ._nkp import kronecker_factor_cov, nearest_kronecker, relative_error
-from ._rearrange import factor_shapes, inverse_rearrange, rearrange
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "COMPARE_METHODS",
-    "KronChoice",
-    "KronFactors",
-    "LowRankFactors",
-    "__version__",
-    "choose_kron",
-    "factor_shapes",
-    "fit_methods",
-    "inverse_rearrange",
-    "kron_cost",
-    "kronecker_factor_cov",
-    "low_rank",
-    "low_rank_rank_for_budget",
-    "method_errors",
-    "nearest_kronecker",
-    "rearrange",
-    "relative_error",
-]
+# public name -> private module that defines it
+_LAZY = {
+    "KronChoice": "._choose",
+    "choose_kron": "._choose",
+    "COMPARE_METHODS": "._compare",
+    "fit_methods": "._compare",
+    "method_errors": "._compare",
+    "KronFactors": "._factors",
+    "LowRankFactors": "._factors",
+    "kron_cost": "._factors",
+    "low_rank_cost": "._factors",
+    "low_rank": "._lowrank",
+    "low_rank_rank_for_budget": "._lowrank",
+    "ALS_STARTS": "._nkp",
+    "als_refine": "._nkp",
+    "damped_cov": "._nkp",
+    "kronecker_factor_cov": "._nkp",
+    "nearest_kronecker": "._nkp",
+    "nearest_kronecker_kron_cov": "._nkp",
+    "nearest_kronecker_plain": "._nkp",
+    "parse_permutation": "._nkp",
+    "relative_error": "._nkp",
+    "whiten_kron": "._nkp",
+    "divisors": "._rearrange",
+    "factor_shapes": "._rearrange",
+    "inverse_rearrange": "._rearrange",
+    "rearrange": "._rearrange",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'kronlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

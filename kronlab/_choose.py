@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+from ._factors import kron_cost
 from ._linalg import check_cov, check_finite, psd_sqrt_pair, sq_singular_values, to_work
-from ._nkp import _whiten, kronecker_factor_cov
+from ._nkp import kronecker_factor_cov, whiten_kron
 from ._rearrange import check_a_shape, factor_shapes, rearrange
 
-__all__ = ["KronChoice", "choose_kron", "kron_cost"]
+__all__ = ["KronChoice", "choose_kron"]
 
 
 @dataclass
@@ -28,14 +29,6 @@ class KronChoice:
     macs: int
     predictor: str
     table: list = field(default_factory=list)
-
-
-def kron_cost(m1: int, n1: int, m2: int, n2: int, rank: int) -> tuple[int, int]:
-    """``(params, macs)`` of a rank-``rank`` sum: ``r(m1 n1 + m2 n2)`` and
-    ``min(r m1 n2 (n1 + m2), r m2 n1 (n2 + m1))`` (as :attr:`KronFactors.forward_macs`)."""
-    params = rank * (m1 * n1 + m2 * n2)
-    macs = min(rank * m1 * n2 * (n1 + m2), rank * m2 * n1 * (n2 + m1))
-    return params, macs
 
 
 def choose_kron(W, *, param_budget, macs_budget=None, cov=None, shapes=None,
@@ -101,7 +94,7 @@ def choose_kron(W, *, param_budget, macs_budget=None, cov=None, shapes=None,
                 C1, C2 = kronecker_factor_cov(C, n1)
                 S1, _, _ = psd_sqrt_pair(C1)
                 S2, _, _ = psd_sqrt_pair(C2)
-                whitened[n1] = _whiten(Wt, S1, S2)
+                whitened[n1] = whiten_kron(Wt, S1, S2)
             Wx = whitened[n1]
         s2 = sq_singular_values(rearrange(Wx, (m1, n1)))
         tot = float(s2.sum())

@@ -13,7 +13,39 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["KronFactors", "LowRankFactors"]
+__all__ = ["KronFactors", "LowRankFactors", "kron_cost", "kron_order_macs", "low_rank_cost"]
+
+
+def kron_order_macs(m1: int, n1: int, m2: int, n2: int, rank: int, order: str) -> int:
+    """Multiply-adds per input vector of ``sum_i (A_i kron B_i) x`` in one contraction order.
+
+    With x reshaped row-major to X (n1 x n2), ``(A kron B) x = vec(A X B^T)``:
+    ``"a_first"`` = ``(A X) B^T`` costs ``r m1 n2 (n1 + m2)``; ``"b_first"`` =
+    ``A (X B^T)`` costs ``r m2 n1 (n2 + m1)``. Compare with ``m n`` for a dense layer.
+    """
+    if order == "a_first":
+        return int(rank * m1 * n2 * (n1 + m2))
+    if order == "b_first":
+        return int(rank * m2 * n1 * (n2 + m1))
+    raise ValueError(f"order must be 'a_first' or 'b_first', got {order!r}")
+
+
+def kron_cost(m1: int, n1: int, m2: int, n2: int, rank: int) -> tuple[int, int]:
+    """``(params, macs)`` of a rank-``rank`` Kronecker sum: ``r (m1 n1 + m2 n2)`` numbers and
+    the multiply-adds per token of the cheaper contraction order (:func:`kron_order_macs`).
+
+    >>> kron_cost(24, 24, 24, 24, 1)          # one 576 x 576 term: 1152 numbers
+    (1152, 27648)
+    """
+    params = int(rank * (m1 * n1 + m2 * n2))
+    macs = min(kron_order_macs(m1, n1, m2, n2, rank, "a_first"),
+               kron_order_macs(m1, n1, m2, n2, rank, "b_first"))
+    return params, macs
+
+
+def low_rank_cost(m: int, n: int, rank: int) -> tuple[int, int]:
+    """``(params, macs)`` of ``U V`` with U (m, rank), V (rank, n): both ``rank (m + n)``."""
+    return int(rank * (m + n)), int(rank * (m + n))
 
 
 @dataclass
@@ -66,21 +98,13 @@ class KronFactors:
     def num_params(self) -> int:
         """Stored numbers: rank * (m1*n1 + m2*n2) (the permutation is integer metadata)."""
         (m1, n1), (m2, n2) = self.a_shape, self.b_shape
-        return self.rank * (m1 * n1 + m2 * n2)
+        return kron_cost(m1, n1, m2, n2, self.rank)[0]
 
     @property
     def forward_macs(self) -> int:
-        """Multiply-adds per input vector of the cheaper contraction order.
-
-        With x reshaped row-major to X (n1 x n2), ``(A kron B) x = vec(A X B^T)``:
-        ``(A X) B^T`` costs ``r*m1*n2*(n1 + m2)`` and ``A (X B^T)`` costs
-        ``r*m2*n1*(n2 + m1)``; compare with ``m*n`` for the dense layer.
-        """
+        """Multiply-adds per input vector of the cheaper contraction order (:func:`kron_cost`)."""
         (m1, n1), (m2, n2) = self.a_shape, self.b_shape
-        r = self.rank
-        b_first = r * m2 * n1 * (n2 + m1)
-        a_first = r * m1 * n2 * (n1 + m2)
-        return int(min(a_first, b_first))
+        return kron_cost(m1, n1, m2, n2, self.rank)[1]
 
     def to_dense(self):
         """The dense ``m x n`` matrix ``W_hat`` in the original column order.
@@ -129,13 +153,11 @@ class LowRankFactors:
 
     @property
     def num_params(self) -> int:
-        m, n = self.shape
-        return self.rank * (m + n)
+        return low_rank_cost(*self.shape, self.rank)[0]
 
     @property
     def forward_macs(self) -> int:
-        m, n = self.shape
-        return self.rank * (m + n)
+        return low_rank_cost(*self.shape, self.rank)[1]
 
     def to_dense(self):
         return self.U @ self.V

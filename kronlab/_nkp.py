@@ -29,8 +29,31 @@ from ._linalg import (
     truncated_svd,
 )
 from ._rearrange import check_a_shape, inverse_rearrange, rearrange
+from .defaults import (
+    ALS_SWEEPS,
+    ALS_TOL,
+    CG_MAX_ITER,
+    CG_TOL,
+    DAMPING,
+    DIRECT_SOLVER_MAX,
+    INIT,
+    N_OVERSAMPLES,
+    N_POWER_ITER,
+    SEED,
+)
 
-__all__ = ["kronecker_factor_cov", "nearest_kronecker", "relative_error"]
+__all__ = [
+    "ALS_STARTS",
+    "als_refine",
+    "damped_cov",
+    "kronecker_factor_cov",
+    "nearest_kronecker",
+    "nearest_kronecker_kron_cov",
+    "nearest_kronecker_plain",
+    "parse_permutation",
+    "relative_error",
+    "whiten_kron",
+]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -71,7 +94,12 @@ def _parse_cov(cov, n1, n2, device):
     return "dense", check_cov(C, n)
 
 
-def _parse_perm(permute, n, C):
+def parse_permutation(permute, n: int, C=None):
+    """The input-channel permutation ``permute`` as a LongTensor of length n, or None.
+
+    ``None``; ``"variance"`` (channels by decreasing ``diag(C)``, stable; needs C); or an
+    integer array holding a permutation of ``range(n)``.
+    """
     if permute is None:
         return None
     if isinstance(permute, str):
@@ -105,8 +133,11 @@ def _dense(A, B):
     return inverse_rearrange(A.reshape(r, -1).T @ B.reshape(r, -1), (m1, n1), (m2, n2))
 
 
-def _whiten(W, S1, S2):
-    """``W (S1 kron S2)`` without the Kronecker product: two small products, O(m n (n1 + n2))."""
+def whiten_kron(W, S1, S2):
+    """``W (S1 kron S2)`` without the Kronecker product: two small products, O(m n (n1 + n2)).
+
+    Shapes: W (m, n1 n2) torch, S1 (n1, n1), S2 (n2, n2) -> (m, n1 n2).
+    """
     m = W.shape[0]
     n1, n2 = S1.shape[0], S2.shape[0]
     Y = (W.reshape(m * n1, n2) @ S2).reshape(m, n1, n2)
@@ -129,7 +160,7 @@ def _orthogonalize(A, B):
     return A2, B2, S
 
 
-def kronecker_factor_cov(C, n1: int, *, damping: float = 1e-6):
+def kronecker_factor_cov(C, n1: int, *, damping: float = DAMPING):
     """Nearest Kronecker factorisation ``C ~ C1 kron C2`` of a covariance, made symmetric PSD.
 
     Minimises ``||C - C1 kron C2||_F`` (rank-1 SVD of ``R(C)`` with ``a_shape=(n1, n1)``),
@@ -341,7 +372,7 @@ def _als(W, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None, ve
     pa = _Problem(C, RWC, m1, n1, m2, n2)
     pb = _Problem(Cs, RWC.T.contiguous(), m2, n2, m1, n1)
     if solver == "auto":
-        solver = "direct" if r * max(n1, n2) <= 1536 else "cg"
+        solver = "direct" if r * max(n1, n2) <= DIRECT_SOLVER_MAX else "cg"
     if solver not in ("direct", "cg"):
         raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
 
@@ -375,50 +406,177 @@ def _als(W, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None, ve
 
 # ----------------------------------------------------------------------------- public
 
-def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, method: str = "auto",
-                      permute=None, max_iter: int = 8, tol: float = 1e-4, solver: str = "auto",
-                      cg_max_iter: int = 12, cg_tol: float = 1e-3, damping: float = 1e-6,
-                      n_oversamples: int = 10, n_power_iter: int = 4, seed: int = 0,
+#: the named starts of the activation-aware ALS (``init=``); a KronFactors is accepted too
+ALS_STARTS = ("plain", "kronecker", "best")
+
+
+def _svd_kw(n_oversamples, n_power_iter, seed) -> dict:
+    return {"n_oversamples": n_oversamples, "n_power_iter": n_power_iter, "seed": seed}
+
+
+def _finish(A, B, sv, history, info, like, perm=None, t0=None) -> KronFactors:
+    if t0 is not None:
+        info["seconds"] = time.perf_counter() - t0
+    return KronFactors(
+        A=from_work(A, like), B=from_work(B, like),
+        perm=None if perm is None else (perm if isinstance(like, torch.Tensor) else perm.cpu().numpy()),
+        singular_values=from_work(sv, like), history=[float(h) for h in history], info=info)
+
+
+def _plain_fit(Wt, m1, n1, m2, n2, r, method, svd_kw):
+    """Van Loan-Pitsianis on a work tensor: ``(A, B, all singular values, relative error, used)``."""
+    U, S, Vh, allS, used = truncated_svd(rearrange(Wt, (m1, n1)), r, method, **svd_kw)
+    A, B = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
+    tot = float((Wt * Wt).sum())
+    err2 = max(tot - float((S[:r] ** 2).sum()), 0.0)
+    return A, B, allS, ((err2 / tot) ** 0.5 if tot > 0 else 0.0), used
+
+
+def _kron_cov_fit(Wt, C1, C2, m1, n1, m2, n2, r, method, svd_kw, damping):
+    """Closed form under ``C = C1 kron C2``: ``(A, B, singular values, rel. error, used, lam)``."""
+    S1, S1i, lam = psd_sqrt_pair(C1, damping)
+    S2, S2i, _ = psd_sqrt_pair(C2, damping)
+    Wh = whiten_kron(Wt, S1, S2)
+    U, S, Vh, allS, used = truncated_svd(rearrange(Wh, (m1, n1)), r, method, **svd_kw)
+    A, B = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
+    tot = float((Wh * Wh).sum())
+    err2 = max(tot - float((S[:r] ** 2).sum()), 0.0)
+    return A @ S1i, B @ S2i, allS, ((err2 / tot) ** 0.5 if tot > 0 else 0.0), used, lam
+
+
+def nearest_kronecker_plain(W, a_shape, rank: int = 1, *, method: str = "auto",
+                            n_oversamples: int = N_OVERSAMPLES, n_power_iter: int = N_POWER_ITER,
+                            seed: int = SEED, device=None) -> KronFactors:
+    r"""Van Loan-Pitsianis: ``min ||W - sum_i A_i kron B_i||_F`` by a truncated SVD of ``R(W)``.
+
+    ``||W - W_hat||_F = ||R(W) - Ahat^T Bhat||_F``, so the optimum is the truncated SVD of
+    ``R(W)`` (Eckart-Young) and the squared error is the sum of the discarded
+    ``sigma_i^2``; each term gets ``sqrt(sigma_i)`` on both sides. ``method`` chooses the
+    SVD: ``"exact"`` (O(p q min(p, q)) for R of shape (p, q)), ``"randomized"`` (Halko,
+    Martinsson and Tropp 2011, O(q_iter p q (rank + n_oversamples))) or ``"auto"``.
+    Shapes: W (m, n) -> A (rank, m1, n1), B (rank, m2, n2).
+
+    >>> import numpy as np
+    >>> F = nearest_kronecker_plain(np.kron(np.eye(2), np.ones((3, 3))), (2, 2))
+    >>> F.rank, F.info["relative_error"] < 1e-6
+    (1, True)
+    """
+    t0 = time.perf_counter()
+    Wt = _check_weight(W, device)
+    m1, n1, m2, n2 = check_a_shape(tuple(Wt.shape), a_shape)
+    r = _check_rank(rank, m1, n1, m2, n2)
+    A, B, sv, err, used = _plain_fit(Wt, m1, n1, m2, n2, r, method,
+                                     _svd_kw(n_oversamples, n_power_iter, seed))
+    info = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": r, "method": used,
+            "relative_error": err}
+    return _finish(A, B, sv, [], info, W, t0=t0)
+
+
+def nearest_kronecker_kron_cov(W, a_shape, rank: int, cov, *, method: str = "auto",
+                               damping: float = DAMPING, n_oversamples: int = N_OVERSAMPLES,
+                               n_power_iter: int = N_POWER_ITER, seed: int = SEED,
+                               device=None) -> KronFactors:
+    r"""Exact optimum of ``||(W - W_hat)(C1 kron C2)^{1/2}||_F`` for ``cov = (C1, C2)``.
+
+    With ``S_k = C_k^{1/2}``, ``(A kron B)(S1 kron S2) = (A S1) kron (B S2)``: the nearest
+    sum to the whitened ``W (S1 kron S2)`` (computed without the Kronecker product, by
+    :func:`whiten_kron`), un-whitened by ``A_i <- A_i S1^{-1}``, ``B_i <- B_i S2^{-1}``, is
+    the optimum, and its squared relative error is the discarded energy of
+    ``R(W (S1 kron S2))``. ``C1`` (n1, n1) and ``C2`` (n2, n2) are damped by
+    ``damping * mean(diag)`` (``info["damping"]``).
+    """
+    t0 = time.perf_counter()
+    Wt = _check_weight(W, device)
+    m1, n1, m2, n2 = check_a_shape(tuple(Wt.shape), a_shape)
+    r = _check_rank(rank, m1, n1, m2, n2)
+    kind, C = _parse_cov(cov, n1, n2, Wt.device)
+    if kind != "kron":
+        raise ValueError("nearest_kronecker_kron_cov needs cov=(C1, C2), a pair of Kronecker "
+                         "factors; use nearest_kronecker for a dense covariance")
+    A, B, sv, err, used, lam = _kron_cov_fit(Wt, C[0], C[1], m1, n1, m2, n2, r, method,
+                                             _svd_kw(n_oversamples, n_power_iter, seed), damping)
+    info = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": r, "method": f"whitened-{used}",
+            "damping": lam, "relative_error": err}
+    return _finish(A, B, sv, [], info, W, t0=t0)
+
+
+def damped_cov(C, damping: float = DAMPING):
+    """``(C + lam * mean(diag C) * I, lam)`` with the smallest ``lam >= damping`` (raised tenfold)
+    that makes the Cholesky factorisation succeed: the covariance every fit actually uses."""
+    _, lam = damped_cholesky(C, damping)
+    scale = float(torch.diagonal(C).mean())
+    n = C.shape[0]
+    return C + (lam * (scale if scale > 0 else 1.0)) * torch.eye(n, dtype=C.dtype, device=C.device), lam
+
+
+def als_refine(W, cov, init: KronFactors, *, als_sweeps: int = ALS_SWEEPS, tol: float = ALS_TOL,
+               solver: str = "auto", cg_max_iter: int = CG_MAX_ITER, cg_tol: float = CG_TOL,
+               device=None) -> KronFactors:
+    r"""Alternating least squares on ``f(A, B) = tr((W - W_hat) C (W - W_hat)^T)`` from ``init``.
+
+    With ``B`` fixed, f is, for each of the m1 row indices ``a`` of A's blocks, a quadratic
+    ``x_a^T G x_a - 2 h_a^T x_a`` in the ``r n1`` unknowns ``x_a[(i, j)] = A_i[a, j]`` with
+    one Gram matrix for all rows, ``G[(i,j),(i',j')] = sum_{k,k'} (B_i^T B_i')[k,k']
+    C[(j,k),(j',k')]``, and ``h_a[(i,j)] = sum_{b,k} B_i[b,k] (W C)[(a,b),(j,k)]``; the
+    B-step is the same with the factors' roles commuted. ``solver="direct"`` forms G (cost
+    r^2 n^2) and solves by Cholesky (cost (r n1)^3 / 3): the exact block minimiser.
+    ``solver="cg"`` runs at most ``cg_max_iter`` preconditioned CG steps from the current
+    iterate with products ``R^{-1}(Xhat^T Bhat) C`` (cost 2 r m n + m n^2 each; no G), block-
+    Jacobi preconditioned by G's exact q1 x q1 diagonal blocks; CG from a warm start lowers
+    every row's quadratic, so f never increases. ``"auto"`` is direct when
+    ``r * max(n1, n2) <= DIRECT_SOLVER_MAX``. Stops when a sweep lowers f by less than
+    ``tol`` relatively, or after ``als_sweeps`` sweeps.
+
+    ``cov`` is used as given (no damping: see :func:`damped_cov`); ``W`` and ``cov`` are in
+    the column order of ``init`` (``init.perm`` is kept). Returns the refined
+    :class:`KronFactors` (terms re-orthogonalised), ``history`` = f at the start and after
+    each sweep, ``info["relative_error"] = sqrt(f / tr(W C W^T))``.
+    """
+    t0 = time.perf_counter()
+    Wt = _check_weight(W, device)
+    m, n = Wt.shape
+    if not isinstance(init, KronFactors):
+        raise ValueError(f"init must be a KronFactors, got {type(init).__name__}")
+    if init.shape != (m, n):
+        raise ValueError(f"init approximates a {init.shape} matrix, W is {(m, n)}")
+    C = check_cov(to_work(cov, Wt.device, name="cov"), n)
+    A = to_work(init.A, Wt.device, name="init.A")
+    B = to_work(init.B, Wt.device, name="init.B")
+    (m1, n1), (m2, n2) = init.a_shape, init.b_shape
+    obj = _Objective(Wt, C)
+    A, B, history, als_info = _als(Wt, C, A, B, max_iter=int(als_sweeps), tol=tol, solver=solver,
+                                   cg_max_iter=cg_max_iter, cg_tol=cg_tol, obj=obj)
+    A, B, sv = _orthogonalize(A, B)
+    tot = obj.total
+    info = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": init.rank, "method": "als",
+            "relative_error": (history[-1] / tot) ** 0.5 if tot > 0 else 0.0,
+            "iterations": len(history) - 1, "als_seconds": time.perf_counter() - t0, **als_info}
+    return _finish(A, B, sv, history, info, W, perm=None, t0=t0)
+
+
+def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, init=INIT, method: str = "auto",
+                      permute=None, als_sweeps: int = ALS_SWEEPS, tol: float = ALS_TOL,
+                      solver: str = "auto", cg_max_iter: int = CG_MAX_ITER, cg_tol: float = CG_TOL,
+                      damping: float = DAMPING, n_oversamples: int = N_OVERSAMPLES,
+                      n_power_iter: int = N_POWER_ITER, seed: int = SEED,
                       device=None) -> KronFactors:
     r"""Nearest sum of ``rank`` Kronecker products to ``W``, plain or activation-aware.
 
     Objective::
 
-        cov=None      min ||W - sum_i A_i kron B_i||_F
+        cov=None      min ||W - sum_i A_i kron B_i||_F                (closed form)
         cov=(C1, C2)  min ||(W - W_hat) (C1 kron C2)^{1/2}||_F        (closed form)
         cov=C         min f(A, B) = tr((W - W_hat) C (W - W_hat)^T)  (ALS)
 
-    **Plain** (Van Loan and Pitsianis, 1993): ``||W - W_hat||_F = ||R(W) - Ahat^T Bhat||_F``,
-    so the optimum is the truncated SVD of ``R(W)`` (Eckart-Young); the squared error is the
-    sum of the discarded ``sigma_i^2``. Each term gets ``sqrt(sigma_i)`` on both sides.
-    ``method="exact"`` is a full SVD (O(p q min(p, q)) for R of shape (p, q));
-    ``"randomized"`` is the range finder with power iterations of Halko, Martinsson and
-    Tropp (2011), O(q_iter p q (rank + n_oversamples)); ``"auto"`` picks the randomized one
-    for large R and small rank.
-
-    **Kronecker-factored covariance** ``C = C1 kron C2``: with ``S_k = C_k^{1/2}``,
-    ``(A kron B)(S1 kron S2) = (A S1) kron (B S2)``, so the nearest sum to the whitened
-    ``W (S1 kron S2)`` un-whitened by ``A_i <- A_i S1^{-1}``, ``B_i <- B_i S2^{-1}`` is the
-    exact optimum and the squared output error is the sum of the discarded squared singular
-    values of ``R(W (S1 kron S2))``.
-
-    **General covariance**: alternating least squares. With ``B`` fixed, f is, for each of
-    the m1 row indices ``a`` of A's blocks, a quadratic ``x_a^T G x_a - 2 h_a^T x_a`` in the
-    ``r n1`` unknowns ``x_a[(i, j)] = A_i[a, j]`` with one Gram matrix shared by all rows,
-    ``G[(i,j),(i',j')] = sum_{k,k'} (B_i^T B_i')[k,k'] C[(j,k),(j',k')]``, and
-    ``h_a[(i,j)] = sum_{b,k} B_i[b,k] (W C)[(a,b),(j,k)]``; the B-step is the same with the
-    roles of the factors commuted. ``solver="direct"`` forms G (cost r^2 n^2) and solves by
-    Cholesky (cost (r n1)^3 / 3): the exact block minimiser. ``solver="cg"`` runs at most
-    ``cg_max_iter`` preconditioned CG steps from the current iterate using only products
-    with G computed as ``R^{-1}(Xhat^T Bhat) C`` (cost 2 r m n + m n^2 each, no G, no
-    Kronecker products), preconditioned by G's exact diagonal blocks (one q1 x q1 block per
-    term); CG from a warm start lowers every row's quadratic, so f never increases either way.
-    ``"auto"`` uses direct when ``r * max(n1, n2) <= 1536``. ALS starts from whichever of the
-    plain optimum and the closed form under the nearest Kronecker factorisation of C has
-    the lower f, and stops when a sweep lowers f by less than ``tol`` relatively or after
-    ``max_iter`` sweeps. ``history`` holds f at the start and after every sweep. C is
-    damped to ``C + damping * mean(diag C) * I`` (raised tenfold until Cholesky succeeds);
-    ``info["damping"]`` reports it and f is measured with the damped C.
+    The three cases are :func:`nearest_kronecker_plain` (Van Loan and Pitsianis, 1993),
+    :func:`nearest_kronecker_kron_cov` and :func:`als_refine`; see them for the algebra
+    and costs. For a dense C, ALS starts from ``init``: ``"plain"`` (the Van Loan-Pitsianis
+    optimum), ``"kronecker"`` (the closed form under the nearest Kronecker factorisation
+    ``C ~ C1 kron C2``, :func:`kronecker_factor_cov`), ``"best"`` (whichever of the two has
+    the lower f; ``info["start_objectives"]`` has both) or a :class:`KronFactors` of the
+    right shapes (in the permuted column order when ``permute`` is given). C is damped to
+    ``C + damping * mean(diag C) * I`` (raised tenfold until Cholesky succeeds;
+    ``info["damping"]``) and f is measured with the damped C.
 
     Parameters
     ----------
@@ -426,12 +584,13 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, method: str = "aut
     a_shape : (m1, n1), dividing (m, n); ``b_shape = (m / m1, n / n1)``
     rank : int in [1, min(m1 n1, m2 n2)]
     cov : None, dense (n, n) covariance ``X^T X / N``, or a pair ``(C1 (n1, n1), C2 (n2, n2))``
+    init : "plain" | "kronecker" | "best" | KronFactors (dense cov only)
     method : "auto" | "exact" | "randomized" (the truncated SVDs)
     permute : None | "variance" | int array (n,)
         Input-channel permutation applied first (``W[:, perm]``, ``C[perm][:, perm]``);
         ``"variance"`` sorts channels by decreasing ``diag(C)``. Stored in ``perm``.
-    max_iter, tol : ALS sweeps and relative-decrease stopping tolerance.
-    solver, cg_max_iter, cg_tol : ALS half-step solver (see above).
+    als_sweeps, tol : ALS sweeps and relative-decrease stopping tolerance.
+    solver, cg_max_iter, cg_tol : ALS half-step solver (see :func:`als_refine`).
     damping : relative ridge on C (and on C1, C2).
     n_oversamples, n_power_iter, seed : randomized SVD settings.
     device : torch device to compute on (default: W's device; CPU for numpy).
@@ -459,68 +618,80 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, method: str = "aut
     m1, n1, m2, n2 = check_a_shape((m, n), a_shape)
     r = _check_rank(rank, m1, n1, m2, n2)
     kind, C = _parse_cov(cov, n1, n2, Wt.device)
-    if kind == "kron" and permute is not None:
-        raise ValueError("permute needs a dense cov: permuting channels breaks the (C1, C2) "
-                         "Kronecker structure (pass kron(C1, C2) densely instead)")
-    perm = _parse_perm(permute, n, C if kind == "dense" else None)
+    svd_kw = {"method": method, "n_oversamples": n_oversamples, "n_power_iter": n_power_iter,
+              "seed": seed}
+    start = _check_init(init, kind, (m, n), (m1, n1), r)
+    if kind is None:
+        if permute is not None:
+            raise ValueError("permute needs a dense cov (the plain objective does not depend on "
+                             "the column order of the factors' blocks)")
+        return _finish_from(nearest_kronecker_plain(Wt, (m1, n1), r, **svd_kw), W, t0)
+    if kind == "kron":
+        if permute is not None:
+            raise ValueError("permute needs a dense cov: permuting channels breaks the (C1, C2) "
+                             "Kronecker structure (pass kron(C1, C2) densely instead)")
+        return _finish_from(nearest_kronecker_kron_cov(Wt, (m1, n1), r, C, damping=damping,
+                                                       **svd_kw), W, t0)
+    if isinstance(start, KronFactors) and start.perm is not None:
+        if permute is None:
+            permute = start.perm
+    perm = parse_permutation(permute, n, C)
     if perm is not None:
         perm = perm.to(Wt.device)
         Wt = Wt[:, perm]
         C = C[perm][:, perm]
-    svd_kw = {"n_oversamples": n_oversamples, "n_power_iter": n_power_iter, "seed": seed}
-    info: dict = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": r}
-    history: list = []
-
-    if kind is None:
-        U, S, Vh, allS, used = truncated_svd(rearrange(Wt, (m1, n1)), r, method, **svd_kw)
-        A, B = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
-        tot = float((Wt * Wt).sum())
-        err2 = max(tot - float((S[:r] ** 2).sum()), 0.0)
-        info.update(method=used, relative_error=(err2 / tot) ** 0.5 if tot > 0 else 0.0)
-        sv = allS
-    elif kind == "kron":
-        S1, S1i, lam = psd_sqrt_pair(C[0], damping)
-        S2, S2i, _ = psd_sqrt_pair(C[1], damping)
-        Wh = _whiten(Wt, S1, S2)
-        U, S, Vh, allS, used = truncated_svd(rearrange(Wh, (m1, n1)), r, method, **svd_kw)
-        A, B = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
-        A, B = A @ S1i, B @ S2i
-        tot = float((Wh * Wh).sum())
-        err2 = max(tot - float((S[:r] ** 2).sum()), 0.0)
-        info.update(method=f"whitened-{used}", damping=lam,
-                    relative_error=(err2 / tot) ** 0.5 if tot > 0 else 0.0)
-        sv = allS
+    Cd, lam = damped_cov(C, damping)
+    obj = _Objective(Wt, Cd)
+    starts: dict = {}
+    if isinstance(start, KronFactors):
+        F0 = KronFactors(to_work(start.A, Wt.device), to_work(start.B, Wt.device))
+        start_name = "given"
     else:
-        _, lam = damped_cholesky(C, damping)
-        scale = float(torch.diagonal(C).mean())
-        Cd = C + (lam * (scale if scale > 0 else 1.0)) * torch.eye(n, dtype=C.dtype, device=C.device)
-        # start (a): plain optimum
-        U, S, Vh, _, used = truncated_svd(rearrange(Wt, (m1, n1)), r, method, **svd_kw)
-        Aa, Ba = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
-        # start (b): closed form under C ~ C1 kron C2
-        C1, C2 = kronecker_factor_cov(Cd, n1, damping=damping)
-        S1, S1i, _ = psd_sqrt_pair(C1, damping)
-        S2, S2i, _ = psd_sqrt_pair(C2, damping)
-        U, S, Vh, _, _ = truncated_svd(rearrange(_whiten(Wt, S1, S2), (m1, n1)), r, method, **svd_kw)
-        Ab, Bb = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
-        Ab, Bb = Ab @ S1i, Bb @ S2i
-        obj = _Objective(Wt, Cd)
-        fa, fb = obj(Aa, Ba), obj(Ab, Bb)
-        A, B = (Aa, Ba) if fa <= fb else (Ab, Bb)
-        t1 = time.perf_counter()
-        A, B, history, als_info = _als(Wt, Cd, A, B, max_iter=max_iter, tol=tol, solver=solver,
-                                       cg_max_iter=cg_max_iter, cg_tol=cg_tol, obj=obj)
-        A, B, sv = _orthogonalize(A, B)
-        tot = obj.total
-        info.update(method="als", start="plain" if fa <= fb else "kronecker",
-                    start_objectives={"plain": fa, "kronecker": fb}, damping=lam,
-                    relative_error=(history[-1] / tot) ** 0.5 if tot > 0 else 0.0,
-                    iterations=len(history) - 1, als_seconds=time.perf_counter() - t1, **als_info)
+        cands = {}
+        if start in ("plain", "best"):
+            A, B, *_ = _plain_fit(Wt, m1, n1, m2, n2, r, method, _svd_kw(n_oversamples, n_power_iter, seed))
+            cands["plain"] = (A, B)
+        if start in ("kronecker", "best"):
+            C1, C2 = kronecker_factor_cov(Cd, n1, damping=damping)
+            A, B, *_ = _kron_cov_fit(Wt, C1, C2, m1, n1, m2, n2, r, method,
+                                     _svd_kw(n_oversamples, n_power_iter, seed), damping)
+            cands["kronecker"] = (A, B)
+        starts = {k: obj(*ab) for k, ab in cands.items()}
+        start_name = min(starts, key=lambda k: (starts[k], k != "plain"))
+        F0 = KronFactors(*cands[start_name])
+    F = als_refine(Wt, Cd, F0, als_sweeps=als_sweeps, tol=tol, solver=solver,
+                   cg_max_iter=cg_max_iter, cg_tol=cg_tol)
+    info = dict(F.info)
+    info.update(start=start_name, start_objectives=starts, damping=lam)
+    out = KronFactors(F.A, F.B, perm, F.singular_values, F.history, info)
+    return _finish_from(out, W, t0)
+
+
+def _check_init(init, kind, shape, a_shape, r):
+    if isinstance(init, KronFactors):
+        if kind != "dense":
+            raise ValueError("init=KronFactors needs a dense cov (plain and Kronecker-covariance "
+                             "fits are closed forms with nothing to start)")
+        if init.shape != tuple(shape) or init.a_shape != tuple(a_shape) or init.rank != r:
+            raise ValueError(f"init has shape {init.shape}, a_shape {init.a_shape}, rank "
+                             f"{init.rank}; expected {tuple(shape)}, {tuple(a_shape)}, {r}")
+        return init
+    if not isinstance(init, str) or init not in ALS_STARTS:
+        raise ValueError(f"init must be one of {ALS_STARTS} or a KronFactors, got {init!r}")
+    return init
+
+
+def _finish_from(F: KronFactors, like, t0) -> KronFactors:
+    """``F`` (computed on work tensors) in the kind, device and dtype of ``like``."""
+    perm = F.perm
+    if perm is not None and not isinstance(like, torch.Tensor):
+        perm = perm.cpu().numpy() if isinstance(perm, torch.Tensor) else np.asarray(perm)
+    info = dict(F.info)
     info["seconds"] = time.perf_counter() - t0
-    return KronFactors(
-        A=from_work(A, W), B=from_work(B, W),
-        perm=None if perm is None else (perm if isinstance(W, torch.Tensor) else perm.cpu().numpy()),
-        singular_values=from_work(sv, W), history=[float(h) for h in history], info=info)
+    return KronFactors(A=from_work(to_work(F.A), like), B=from_work(to_work(F.B), like), perm=perm,
+                       singular_values=None if F.singular_values is None
+                       else from_work(to_work(F.singular_values), like),
+                       history=list(F.history), info=info)
 
 
 def relative_error(W, approx, cov=None):

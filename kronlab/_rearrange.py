@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["check_a_shape", "factor_shapes", "inverse_rearrange", "rearrange"]
+__all__ = ["check_a_shape", "divisors", "factor_shapes", "inverse_rearrange", "rearrange"]
 
 
-def _divisors(k: int) -> list[int]:
+def divisors(k: int) -> list[int]:
+    """The positive divisors of ``k`` in increasing order.
+
+    >>> divisors(12)
+    [1, 2, 3, 4, 6, 12]
+    """
     return [d for d in range(1, k + 1) if k % d == 0]
 
 
@@ -19,7 +24,7 @@ def check_a_shape(shape, a_shape) -> tuple[int, int, int, int]:
     if m1 < 1 or n1 < 1 or m % m1 or n % n1:
         raise ValueError(
             f"a_shape={tuple(a_shape)} does not divide the matrix shape {(m, n)}: "
-            f"m1 must be one of {_divisors(m)} and n1 one of {_divisors(n)}"
+            f"m1 must be one of {divisors(m)} and n1 one of {divisors(n)}"
         )
     return m1, n1, m // m1, n // n1
 
@@ -67,13 +72,13 @@ def factor_shapes(m: int, n: int, *, include_trivial: bool = False) -> list[tupl
     a scaled copy of W) are left out unless ``include_trivial``.
 
     >>> factor_shapes(4, 6)[:3]
-    [(1, 2), (1, 3), (2, 1)]
+    [(1, 2), (1, 3), (1, 6)]
     """
     if int(m) < 1 or int(n) < 1:
         raise ValueError(f"m and n must be positive integers, got {(m, n)}")
     out = []
-    for m1 in _divisors(m):
-        for n1 in _divisors(n):
+    for m1 in divisors(m):
+        for n1 in divisors(n):
             trivial = (m1 * n1 == 1) or (m1 == m and n1 == n)
             if trivial and not include_trivial:
                 continue

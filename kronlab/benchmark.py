@@ -1,7 +1,8 @@
 """Forward time and weight memory of factored layers against the dense ``nn.Linear``.
 
 The timing core shared by ``benchmarks/bench_layers.py`` (which records
-``data/results/bench_layers.txt``) and the book's speed chapter. For a layer
+``data/results/bench_layers.json``, read with :func:`kronlab.results.load_benchmark`) and
+the book's speed chapter. For a layer
 shape ``m x n`` (out x in), a Kronecker factor shape ``a_shape = (m1, n1)`` and a
 rank ``r``, :func:`bench_case` times one forward of a ``(1, tokens, n)`` batch
 through the dense layer (``F.linear``), a :class:`~kronlab.layers.KronLinear`
@@ -14,13 +15,12 @@ reports per factored layer
 - realised fraction ``speed-up * FLOP ratio``: 1 means the layer runs as fast as
   its multiply-add count promises relative to the dense GEMM.
 
-The three layers are timed in interleaved rounds (:func:`time_rounds`), so a burst
-of load from other processes hits all of them alike, and medians are reported.
+The three layers are timed in interleaved rounds (:func:`kronlab.runtime.time_rounds`),
+so a burst of load from other processes hits all of them alike, and medians are reported.
 
-On a shared CPU, set ``OMP_WAIT_POLICY=PASSIVE`` before torch is imported (see
-:func:`passive_omp_wait_policy`): OpenMP threads spinning at barriers steal the
-core from a descheduled team mate and make many small parallel products (the
-Kronecker layer) 10-100x slower.
+On a shared CPU, call :func:`kronlab.runtime.configure_threads` before torch is imported:
+OpenMP threads spinning at barriers steal the core from a descheduled team mate and make
+many small parallel products (the Kronecker layer) 10-100x slower.
 
 >>> rows = bench_case(64, 96, (8, 8), 2, tokens=32, repeats=1, warmup=1)
 >>> [r["layer"] for r in rows], rows[0]["flop_ratio"] == rows[0]["layer_macs"] / (64 * 96)
@@ -29,14 +29,8 @@ Kronecker layer) 10-100x slower.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import re
 import statistics
-import time
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +38,15 @@ import torch.nn.functional as F
 from ._factors import KronFactors
 from ._rearrange import check_a_shape
 from .layers import KronLinear, LowRankLinear
+from .runtime import time_rounds
 
 __all__ = [
     "CASES",
     "HEADER",
     "bench_case",
-    "cpu_name",
     "format_row",
-    "machine_info",
-    "parse_bench_file",
-    "passive_omp_wait_policy",
     "run_benchmark",
     "summarize",
-    "time_rounds",
     "weight_bytes",
 ]
 
@@ -72,46 +62,6 @@ CASES = [
 
 HEADER = (f"{'shape':>10} {'layer':>8} {'config':>26} {'params':>7} {'FLOPs':>7} "
           f"{'dense ms':>9} {'layer ms':>9} {'speed-up':>9} {'realised':>9}")
-
-
-def passive_omp_wait_policy() -> str:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless already set; return the value in effect.
-
-    It only takes effect if called before OpenMP is loaded (before torch is
-    imported in the process); otherwise it returns what the environment says.
-    """
-    return os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_rounds(fns: Sequence[Callable[[], object]], *, repeats: int, warmup: int = 3,
-                device="cpu") -> list[float]:
-    """Median seconds per call of each function, timed in interleaved rounds.
-
-    ``warmup`` untimed rounds, then ``repeats`` rounds that each call every
-    function once in turn (synchronising the device around each call), so slow
-    phases of a shared machine hit every function alike.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    device = torch.device(device)
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    _sync(device)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            _sync(device)
-            t0 = time.perf_counter()
-            f()
-            _sync(device)
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def weight_bytes(module: torch.nn.Module) -> dict:
@@ -148,8 +98,10 @@ def bench_case(m: int, n: int, a_shape, rank: int, *, tokens: int = 2048, repeat
     With ``check``, the Kronecker layer is first compared with ``F.linear`` of its
     dense weight (relative error below 1e-4, else ``AssertionError``).
 
-    Returns two rows (dicts), ``layer`` "kron" and "lowrank", with ``shape``,
-    ``config``, ``params_ratio`` (layer weight params / (m n)), ``layer_macs``,
+    Returns two rows (dicts), ``layer`` "kron" and "lowrank", with ``shape`` ("m x n"
+    as text), ``m``, ``n``, ``a_shape`` ([m1, n1]; None for low rank), ``rank``, ``order``
+    (the Kronecker layer's product order, None for low rank), ``config`` (a short text of
+    a_shape, rank and order), ``params_ratio`` (layer weight params / (m n)), ``layer_macs``,
     ``flop_ratio``, ``dense_ms``, ``layer_ms``, ``speedup``, ``realised``, ``params``,
     ``weight_bytes`` and ``total_bytes``.
     """
@@ -176,11 +128,13 @@ def bench_case(m: int, n: int, a_shape, rank: int, *, tokens: int = 2048, repeat
             [lambda: F.linear(x, W, bias), lambda: kron(x), lambda: low(x)],
             repeats=repeats, warmup=warmup, device=device)
     rows = []
-    for name, desc, t, mod in [("kron", f"a={m1}x{n1} r={rank} {kron.order}", tk, kron),
-                               ("lowrank", f"r={lr_rank}", tl, low)]:
+    for name, desc, t, mod, a, r, order in [
+            ("kron", f"a={m1}x{n1} r={rank} {kron.order}", tk, kron, [m1, n1], rank, kron.order),
+            ("lowrank", f"r={lr_rank}", tl, low, None, lr_rank, None)]:
         ratio = mod.forward_macs / (m * n)
         mem = weight_bytes(mod)
-        rows.append({"shape": f"{m}x{n}", "layer": name, "config": desc,
+        rows.append({"shape": f"{m}x{n}", "m": m, "n": n, "layer": name, "a_shape": a,
+                     "rank": r, "order": order, "config": desc,
                      "params_ratio": (mod.num_params - m) / (m * n),
                      "layer_macs": mod.forward_macs, "flop_ratio": ratio,
                      "dense_ms": td * 1e3, "layer_ms": t * 1e3,
@@ -248,112 +202,3 @@ def summarize(rows: Iterable[dict]) -> dict:
     return {"n": len(k), "meets_half": sum(v >= 0.5 for v in k),
             "median_realised": statistics.median(k) if k else nan,
             "min_realised": min(k) if k else nan, "max_realised": max(k) if k else nan}
-
-
-def cpu_name() -> str:
-    """The processor's model name from ``/proc/cpuinfo`` (or ``platform``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(device="cpu", threads: int | None = None, load_start=None) -> list[str]:
-    """Lines describing the machine, threads, OpenMP wait policy, torch and the load."""
-    device = torch.device(device)
-    threads = torch.get_num_threads() if threads is None else threads
-    lines = [
-        f"date (UTC): {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"platform: {platform.platform()}; python {platform.python_version()}",
-        f"processor: {cpu_name()}; logical cores: {os.cpu_count()}; torch threads: {threads}",
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
-        f"torch: {torch.__version__}; device: {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-    ]
-    if load_start is not None:
-        lines.append("load average at start (1, 5, 15 min): "
-                     + ", ".join(f"{v:.2f}" for v in load_start))
-    if hasattr(os, "getloadavg"):
-        lines.append("load average at end (1, 5, 15 min): "
-                     + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
-    lines.append("note: the CPU may be shared with other processes; timings are medians of "
-                 "interleaved rounds, so bursts hit dense and factored layers alike.")
-    return lines
-
-
-_ROW = re.compile(r"^\s*(\d+x\d+)\s+(kron|lowrank)\s+(.+?)\s+([-\d.]+)\s+([-\d.]+)\s+([-\d.]+)"
-                  r"\s+([-\d.]+)\s+([-\d.]+)\s+([-\d.]+)\s*$")
-
-
-def parse_bench_file(path) -> tuple[list[dict], dict]:
-    """Read a result file written by ``benchmarks/bench_layers.py``.
-
-    Returns ``(rows, meta)``: rows as from :func:`run_benchmark` (without the
-    memory columns) and ``meta`` with the ``header`` lines before the table, the
-    ``machine`` lines (``key: value`` after the table) as a dict, ``command`` and
-    the summary ``notes``. A missing file raises with the command that writes it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no benchmark file at {path}; it is written by "
-                                "`.venv/bin/python benchmarks/bench_layers.py`")
-    rows, header, notes, machine = [], [], [], {}
-    seen_table = False
-    for line in path.read_text().splitlines():
-        mt = _ROW.match(line)
-        if mt:
-            seen_table = True
-            shape, layer, config, *nums = mt.groups()
-            p, fl, dms, lms, sp, re_ = (float(v) for v in nums)
-            rows.append({"shape": shape, "layer": layer, "config": config.strip(),
-                         "params_ratio": p, "flop_ratio": fl, "dense_ms": dms, "layer_ms": lms,
-                         "speedup": sp, "realised": re_})
-        elif not line.strip() or line.strip().startswith("shape"):
-            continue
-        elif not seen_table:
-            header.append(line)
-        elif ": " in line and not line.startswith(("Kronecker", "median")):
-            key, value = line.split(": ", 1)
-            machine[key.strip()] = value.strip()
-        elif "=" in line and " " not in line.strip():
-            key, value = line.split("=", 1)
-            machine[key.strip()] = value.strip()
-        else:
-            notes.append(line)
-    if not rows:
-        raise ValueError(f"{path} holds no result rows; expected the output of "
-                         "`.venv/bin/python benchmarks/bench_layers.py`")
-    return rows, {"header": header, "machine": machine, "notes": notes,
-                  "command": machine.get("command", "")}
-
-
-_COMPRESS_TOTAL = re.compile(r"^(\S+)\s+total\s+([\d.]+) s\s+\((.*)\)\s*$")
-_COMPRESS_TYPE = re.compile(r"(\w+) ([\d.]+) s \((\d+), mean ([\d.]+)\)")
-
-
-def parse_compress_bench(path) -> tuple[dict, list[str]]:
-    """Read ``data/results/bench_compress.txt`` (written by ``benchmarks/bench_compress.py``).
-
-    Returns ``(runs, header)``: ``runs[method] = {"total": seconds, "types": {layer type:
-    (seconds, n_layers)}}`` in the file's order, and the file's other lines (machine,
-    configuration, summary). A missing file raises with the command that writes it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no compression benchmark at {path}; it is written by "
-                                "`.venv/bin/python benchmarks/bench_compress.py`")
-    runs, other = {}, []
-    for line in path.read_text().splitlines():
-        mt = _COMPRESS_TOTAL.match(line)
-        if mt:
-            types = {t: (float(s), int(k)) for t, s, k, _ in _COMPRESS_TYPE.findall(mt.group(3))}
-            runs[mt.group(1)] = {"total": float(mt.group(2)), "types": types}
-        elif line.strip():
-            other.append(line)
-    if not runs:
-        raise ValueError(f"{path} has no 'METHOD total SECONDS s (...)' lines; rerun "
-                         "`.venv/bin/python benchmarks/bench_compress.py`")
-    return runs, other

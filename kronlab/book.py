@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from ._paths import repo_root
+from .paths import repo_root
 
 __all__ = ["build_book", "load_profile", "notebook_chapters", "run_chapter", "toc_documents"]
 

@@ -16,6 +16,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ._choose import choose_kron
+from ._lowrank import low_rank
+from ._nkp import nearest_kronecker, relative_error
+from .defaults import ALS_SWEEPS, PERMUTE, SHAPE_POLICY
+from .layers import KronLinear, LowRankLinear
+from .models import find_linear_layers, layer_type, linear_weight, set_submodule
+
 __all__ = ["METHODS", "CompressionReport", "LayerReport", "compress", "compress_layer"]
 
 METHODS = ("kron", "kron-aa", "svd", "svd-aa")
@@ -130,7 +137,7 @@ def _check_args(method: str, ratio: float, macs_ratio: float | None) -> None:
 
 def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
                    macs_ratio: float | None = None, cov: torch.Tensor | None = None,
-                   a_shape=None, permute=None, als_iters: int = 3, device=None,
+                   a_shape=None, permute=PERMUTE, als_sweeps: int = ALS_SWEEPS, device=None,
                    name: str = "layer"):
     """Fit one (out x in) weight within the budget; return (new_module, LayerReport).
 
@@ -139,9 +146,6 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
     pick the factor shape and rank with :func:`kronlab.choose_kron` (unless
     ``a_shape`` is given); low-rank methods use the largest rank that fits.
     """
-    from . import choose_kron, low_rank, nearest_kronecker, relative_error
-    from .layers import KronLinear, LowRankLinear
-
     _check_args(method, ratio, macs_ratio)
     if method in _AA and cov is None:
         raise ValueError(f"method {method!r} needs a calibration covariance (cov)")
@@ -158,7 +162,7 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
                              cov=aa_cov, shapes=None if a_shape is None else [tuple(a_shape)])
         factors = nearest_kronecker(Wd, choice.a_shape, choice.rank, cov=aa_cov,
                                     permute=permute if method == "kron-aa" else None,
-                                    max_iter=als_iters)
+                                    als_sweeps=als_sweeps)
         module = KronLinear.from_factors(factors, bias, dtype=W.dtype, device=W.device)
         a_sh, b_sh, rank = factors.a_shape, factors.b_shape, factors.rank
         info.update({k: v for k, v in factors.info.items() if isinstance(v, (int, float, str))})
@@ -185,8 +189,8 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
 
 
 def compress(model, *, method: str, ratio: float, calibration=None, covariances=None,
-             layers=None, exclude=None, macs_ratio: float | None = None, permute=None,
-             als_iters: int = 3, shape_policy: str = "per-layer", in_place: bool = False,
+             layers=None, exclude=None, macs_ratio: float | None = None, permute=PERMUTE,
+             als_sweeps: int = ALS_SWEEPS, shape_policy: str = SHAPE_POLICY, in_place: bool = False,
              device=None, progress: bool = True):
     """Compress the linear layers of ``model``; return ``(compressed_model, report)``.
 
@@ -207,7 +211,7 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         forbids Kronecker sums slower than the dense layer in FLOPs).
     permute : input-channel permutation for ``kron-aa`` (``"variance"`` sorts the
         channels by their variance, which makes C closer to Kronecker).
-    als_iters : ALS sweeps for ``kron-aa``.
+    als_sweeps : ALS sweeps for ``kron-aa`` (default :data:`kronlab.defaults.ALS_SWEEPS`).
     shape_policy : ``"per-layer"`` chooses the factor shape and rank of every layer
         from its own spectrum; ``"per-type"`` chooses them once per layer type (the
         name with the block index removed, e.g. ``mlp.down_proj``) on the first
@@ -216,8 +220,6 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     in_place : modify ``model`` itself; by default a copy is compressed and the
         input model is left untouched.
     """
-    from .models import find_linear_layers, linear_weight, set_submodule
-
     _check_args(method, ratio, macs_ratio)
     if shape_policy not in ("per-layer", "per-type"):
         raise ValueError(f"shape_policy must be 'per-layer' or 'per-type', got {shape_policy!r}")
@@ -251,26 +253,19 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     for name in it:
         W, bias = linear_weight(out.get_submodule(name))
         cov = None if covariances is None else covariances.get(name)
-        key = (_layer_type(name), tuple(W.shape))
+        key = (layer_type(name), tuple(W.shape))
         a_shape = chosen.get(key) if shape_policy == "per-type" else None
         module, rep = compress_layer(W, bias, method=method, ratio=ratio, macs_ratio=macs_ratio,
-                                     cov=cov, permute=permute, als_iters=als_iters,
+                                     cov=cov, permute=permute, als_sweeps=als_sweeps,
                                      a_shape=a_shape, device=device, name=name)
         if rep.a_shape is not None:
             chosen.setdefault(key, rep.a_shape)
         set_submodule(out, name, module)
         reports.append(rep)
     config = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "permute": permute,
-              "als_iters": als_iters, "shape_policy": shape_policy, "layers": layers, "exclude": exclude,
+              "als_sweeps": als_sweeps, "shape_policy": shape_policy, "layers": layers, "exclude": exclude,
               "n_layers": len(names)}
     report = CompressionReport(method=method, ratio=float(ratio), macs_ratio=macs_ratio,
                                layers=reports, model_params_before=params_before,
                                model_params_after=_count(out), config=config)
     return out, report
-
-
-def _layer_type(name: str) -> str:
-    """The layer's name without block indices: ``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj``."""
-    parts = name.split(".")
-    idx = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[idx[-1] + 1:]) if idx else name

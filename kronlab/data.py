@@ -15,6 +15,10 @@ Examples
 --------
 >>> text = load_corpus("sotu")                        # str, ~10.8 MB, sha256 checked
 >>> calib, held_out = split_corpus("sotu", eval_fraction=0.1)  # held_out: latest addresses
+>>> len(calib) > 8 * len(held_out) > 0
+True
+>>> from kronlab.models import load_model
+>>> _, tok = load_model()                            # the offline SmolLM2 tokenizer
 >>> X = calibration_token_batches(tok, calib, n_tokens=4096, seq_len=512, seed=0)
 >>> X.shape
 torch.Size([8, 512])
@@ -33,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ._paths import data_dir
+from .paths import data_dir
 
 __all__ = [
     "DOCUMENT_SEPARATOR",

@@ -7,7 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from ._paths import figures_dir
+from .paths import figures_dir
 
 __all__ = ["save_figure"]
 
@@ -29,7 +29,7 @@ def save_figure(fig, name: str, folder: str | os.PathLike | None = None) -> dict
     """Save ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` and return both paths.
 
     ``name`` is the figure's stable name (lower case, digits, ``-`` and ``_``);
-    the folder defaults to :func:`kronlab._paths.figures_dir`. Each file is
+    the folder defaults to :func:`kronlab.paths.figures_dir`. Each file is
     written under a temporary name and renamed, so an interrupted save leaves
     the previous figure intact.
     """

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._factors import KronFactors, LowRankFactors
+from ._factors import KronFactors, LowRankFactors, kron_order_macs, low_rank_cost
 
 __all__ = ["KronLinear", "LowRankLinear"]
 
@@ -180,12 +180,8 @@ class KronLinear(nn.Module):
 
     def order_macs(self, order: str) -> int:
         """Multiply-adds per token of one contraction order."""
-        (m1, n1), (m2, n2), r = self.a_shape, self.b_shape, self.rank
-        if order == "a_first":
-            return r * m1 * n2 * (n1 + m2)
-        if order == "b_first":
-            return r * m2 * n1 * (n2 + m1)
-        raise ValueError(f"order must be 'a_first' or 'b_first', got {order!r}")
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        return kron_order_macs(m1, n1, m2, n2, self.rank, order)
 
     @property
     def forward_macs(self) -> int:
@@ -328,8 +324,8 @@ class LowRankLinear(nn.Module):
 
     @property
     def forward_macs(self) -> int:
-        """Multiply-adds per token, ``rank*(m + n)``."""
-        return self.rank * (self.in_features + self.out_features)
+        """Multiply-adds per token, ``rank*(m + n)`` (:func:`kronlab.low_rank_cost`)."""
+        return low_rank_cost(self.out_features, self.in_features, self.rank)[1]
 
     def to_dense(self) -> torch.Tensor:
         """The (m, n) weight ``U V`` (detached)."""

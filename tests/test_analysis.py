@@ -92,9 +92,12 @@ def test_divisor_near():
 
 
 def test_names():
-    assert analysis.layer_kind("model.layers.3.mlp.up_proj") == "up_proj"
-    assert analysis.block_index("model.layers.3.mlp.up_proj") == 3
-    assert analysis.block_index("lm_head") is None
+    from kronlab.models import block_index, layer_type
+
+    assert layer_type("model.layers.3.mlp.up_proj") == "mlp.up_proj"
+    assert layer_type("transformer.h.1.attn.c_proj") != layer_type("transformer.h.1.mlp.c_proj")
+    assert block_index("model.layers.3.mlp.up_proj") == 3
+    assert block_index("lm_head") is None and layer_type("lm_head") == "lm_head"
 
 
 def _fake_sweep():

@@ -34,7 +34,7 @@ def test_equal_parameter_budget(problem, rank):
 
 def test_errors_match_dense_references(problem):
     W, C = problem
-    fits = fit_methods(W, (4, 6), 3, cov=C, methods=COMPARE_METHODS, max_iter=4)
+    fits = fit_methods(W, (4, 6), 3, cov=C, methods=COMPARE_METHODS, als_sweeps=4)
     df = method_errors(W, fits, C).set_index("method")
     for mth, f in fits.items():
         E = W - f.to_dense()
@@ -50,7 +50,7 @@ def test_errors_match_dense_references(problem):
 
 def test_isotropic_covariance_makes_aa_plain(problem):
     W, _ = problem
-    fits = fit_methods(W, (4, 6), 2, cov=np.eye(36), max_iter=3)
+    fits = fit_methods(W, (4, 6), 2, cov=np.eye(36), als_sweeps=3)
     df = method_errors(W, fits, np.eye(36)).set_index("method")
     assert np.isclose(df.loc["kron", "e_Y"], df.loc["kron-aa", "e_Y"], rtol=1e-8)
     assert np.isclose(df.loc["svd", "e_Y"], df.loc["svd-aa", "e_Y"], rtol=1e-6)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tiny_model import ByteTokenizer
 
 from kronlab import data
-from kronlab._paths import data_dir
+from kronlab.paths import data_dir
 
 
 def test_list_corpora():

@@ -9,8 +9,9 @@ import torch
 
 from kronlab import io as kio
 from kronlab._factors import KronFactors, LowRankFactors
-from kronlab.io import load_compressed, read_manifest, replace_linear, save_compressed
+from kronlab.io import load_compressed, read_manifest, save_compressed, update_config_extra
 from kronlab.layers import KronLinear, LowRankLinear
+from kronlab.models import set_submodule
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -56,9 +57,9 @@ def _compressed(seed=0):
     m, n = model.model.layers[1].mlp.down_proj.weight.shape
     lr = LowRankLinear.from_factors(
         LowRankFactors(torch.randn(m, 5, generator=g), torch.randn(5, n, generator=g)))
-    replace_linear(model, "model.layers.0.self_attn.q_proj", kron_q)
-    replace_linear(model, "model.layers.0.mlp.up_proj", kron_up)
-    replace_linear(model, "model.layers.1.mlp.down_proj", lr)
+    set_submodule(model, "model.layers.0.self_attn.q_proj", kron_q)
+    set_submodule(model, "model.layers.0.mlp.up_proj", kron_up)
+    set_submodule(model, "model.layers.1.mlp.down_proj", lr)
     return model.eval()
 
 
@@ -138,7 +139,7 @@ def test_interrupted_save_leaves_target_untouched(tmp_path, monkeypatch, existin
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save_compressed(_compressed(seed=1), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["m"] if existing else [])
@@ -189,7 +190,7 @@ def test_clear_errors(tmp_path):
         save_compressed(model, tmp_path / "x", config_extra={"bad": object()})
     assert not (tmp_path / "x").exists()
     with pytest.raises(KeyError, match="no submodule"):
-        replace_linear(model, "model.nope.q_proj", torch.nn.Identity())
+        set_submodule(model, "model.nope.q_proj", torch.nn.Identity())
 
 
 def test_round_trip_gpt2_conv1d(tmp_path):
@@ -201,10 +202,79 @@ def test_round_trip_gpt2_conv1d(tmp_path):
     # c_fc maps 32 -> 128; its Conv1D weight is (32, 128)
     f = KronFactors(torch.randn(2, 8, 4, generator=g), torch.randn(2, 16, 8, generator=g),
                     torch.randperm(32, generator=g))
-    replace_linear(model, "transformer.h.1.mlp.c_fc",
+    set_submodule(model, "transformer.h.1.mlp.c_fc",
                    KronLinear.from_factors(f, torch.randn(128, generator=g), dtype=torch.float32))
     ref = _logits(model)
     save_compressed(model, tmp_path / "g")
     loaded, _ = load_compressed(tmp_path / "g")
     assert isinstance(loaded.transformer.h[1].mlp.c_fc, KronLinear)
     assert torch.equal(_logits(loaded), ref)
+
+
+def test_bfloat16_save_round_trip_leaves_the_model_alone(tmp_path):
+    model = _compressed(seed=4)
+    before = copy.deepcopy(model.state_dict())
+    save_compressed(model, tmp_path / "f32")
+    save_compressed(model, tmp_path / "bf16", dtype="bfloat16", config_extra={"k": 1})
+    # the user's model is untouched: same tensors, same dtypes, same config
+    after = model.state_dict()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k])
+               for k in before)
+    assert model.config.dtype in (None, torch.float32, "float32")
+    size32 = (tmp_path / "f32" / "model.safetensors").stat().st_size
+    size16 = (tmp_path / "bf16" / "model.safetensors").stat().st_size
+    assert 0.45 < size16 / size32 < 0.55  # every float halves; the header and perm are small
+
+    manifest = read_manifest(tmp_path / "bf16")
+    assert manifest["model_dtype"] == "bfloat16" and manifest["memory_dtype"] == "float32"
+    assert {r["dtype"] for r in manifest["modules"]} == {"bfloat16"}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    loaded, _ = load_compressed(tmp_path / "bf16")  # the saved dtype
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert q.A.dtype == torch.bfloat16 and q.perm.dtype == torch.long
+    assert loaded.kronlab_info["saved_dtype"] == "bfloat16"
+    state = loaded.state_dict()
+    for k, v in before.items():
+        want = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert state[k].dtype == want.dtype and torch.equal(state[k], want), k
+    logits16 = _logits(loaded)
+    assert logits16.dtype == torch.bfloat16 and torch.isfinite(logits16).all()
+
+    up, _ = load_compressed(tmp_path / "bf16", dtype=torch.float32)  # upcast on load
+    assert up.model.layers[0].self_attn.q_proj.A.dtype == torch.float32
+    state = up.state_dict()
+    for k, v in before.items():
+        want = v.to(torch.bfloat16).to(v.dtype) if v.is_floating_point() else v
+        assert torch.equal(state[k], want), k
+    ref = _logits(model)
+    err = (_logits(up) - ref).norm() / ref.norm()
+    assert 0 < err < 0.05  # bfloat16 keeps ~3 significant digits of each weight
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644),
+                                                        (0o077, 0o700, 0o600)])
+def test_saves_have_ordinary_file_modes(tmp_path, umask, dir_mode, file_mode):
+    old = os.umask(umask)
+    try:
+        out = save_compressed(_compressed(), tmp_path / "m", tokenizer=_tokenizer())
+        update_config_extra(out, {"timings": {"save": 0.1}})
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == dir_mode
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "kronlab.json", "config.json"} <= {p.name for p in files}
+    for p in files:
+        assert (p.stat().st_mode & 0o777) == file_mode, p.name
+
+
+def test_update_config_extra(tmp_path):
+    out = save_compressed(_compressed(), tmp_path / "m", config_extra={"method": "kron"})
+    extra = update_config_extra(out, {"timings": {"save": 1.5}})
+    assert extra == {"method": "kron", "timings": {"save": 1.5}}
+    assert read_manifest(out)["config_extra"] == extra
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "kronlab.json",
+                                                     "model.safetensors"]
+    with pytest.raises(TypeError, match="JSON"):
+        update_config_extra(out, {"bad": object()})
+    assert read_manifest(out)["config_extra"] == extra

@@ -85,7 +85,7 @@ def test_cli_unknown_chapter_is_a_clear_error():
 def test_write_atomic_all_or_nothing(tmp_path, monkeypatch):
     import os
 
-    from kronlab._paths import write_atomic
+    from kronlab.paths import write_atomic
 
     target = tmp_path / "sub" / "result.txt"
     write_atomic(target, "first\n")

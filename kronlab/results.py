@@ -1,0 +1,233 @@
+"""Recorded results in ``data/results``: the one module that reads them.
+
+The book's chapters and the scripts read every recorded result through these functions;
+a missing or malformed file fails with an error that names the command that writes it.
+
+=========================== ================================================ =============================
+file                        written by                                       read with
+=========================== ================================================ =============================
+``llm_sweep.json``          ``scripts/run_llm_experiments.py``               :func:`load_sweep`,
+                                                                             :func:`sweep_frame`, ...
+``dense_smollm2.json``      ``scripts/record_dense.py``                      :func:`dense_reference`
+``bench_nkp.json``          ``benchmarks/bench_nkp.py``                      :func:`load_benchmark`
+``bench_layers.json``       ``benchmarks/bench_layers.py``                   :func:`load_benchmark`
+``bench_compress.json``     ``benchmarks/bench_compress.py``                 :func:`load_benchmark`
+=========================== ================================================ =============================
+
+Every file holds its configuration (``config``) and a ``machine`` dict
+(:func:`kronlab.runtime.machine_info`: the command that wrote it, date, processor,
+threads, OpenMP wait policy, torch, load average). A benchmark file holds structured
+``rows`` (one dict per measurement, the same keys as the script's printed table) and a
+``summary``; files converted from the text files of earlier versions say so in
+``provenance``.
+
+This module imports neither torch nor pandas at import time (pandas loads in
+:func:`sweep_frame`), so a script can read it before :func:`kronlab.runtime.configure_threads`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .paths import results_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "BENCHMARKS",
+    "DENSE_COMMAND",
+    "SWEEP_COMMAND",
+    "SWEEP_PROMPT",
+    "dense_reference",
+    "error_ppl_correlation",
+    "load_benchmark",
+    "load_sweep",
+    "sweep_command",
+    "sweep_config",
+    "sweep_frame",
+    "sweep_prompt",
+]
+
+SWEEP_COMMAND = "python scripts/run_llm_experiments.py"
+DENSE_COMMAND = ".venv/bin/python scripts/record_dense.py"
+#: Benchmark name (the file ``data/results/<name>.json``) -> the command that writes it.
+BENCHMARKS = {
+    "bench_nkp": ".venv/bin/python benchmarks/bench_nkp.py",
+    "bench_layers": ".venv/bin/python benchmarks/bench_layers.py",
+    "bench_compress": ".venv/bin/python benchmarks/bench_compress.py",
+}
+#: The prompt of the greedy generation samples in the LLM sweep. Sweeps record it
+#: (``"prompt"``); files written before they did used this one, which
+#: ``scripts/run_llm_experiments.py`` has used since its first version.
+SWEEP_PROMPT = "The most important duty of a government is"
+
+# Configuration keys renamed since a sweep was recorded: old name -> current option name.
+_RENAMED_CONFIG_KEYS = {"als_iters": "als_sweeps"}
+
+
+def _read_json(path: Path, what: str, command: str) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"no {what} at {path}; it is written by `{command}`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); rewrite it with `{command}`") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; rewrite it "
+                         f"with `{command}`")
+    return data
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+def load_benchmark(name: str, path=None) -> dict:
+    """A recorded benchmark: ``name`` is ``"bench_nkp"``, ``"bench_layers"`` or ``"bench_compress"``.
+
+    Reads ``path`` (default ``data/results/<name>.json``). Returns the file's dict:
+    ``benchmark`` (= name), ``config``, ``rows`` (a list of dicts, one per measurement;
+    ``pandas.DataFrame(b["rows"])`` makes the table), ``summary``, ``machine`` and,
+    for files converted from an older text format, ``provenance``.
+
+    Raises ``ValueError`` for an unknown name or a file that is not this benchmark's,
+    and ``FileNotFoundError``, naming the command that writes it, for a missing file.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+    command = BENCHMARKS[name]
+    path = results_dir() / f"{name}.json" if path is None else Path(path)
+    data = _read_json(path, f"recorded benchmark {name!r}", command)
+    if data.get("benchmark") != name or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} is not a {name} result (expected keys 'benchmark': {name!r} and "
+                         f"a list 'rows'); rewrite it with `{command}`")
+    return data
+
+
+# ----------------------------------------------------------------------------- dense model
+
+def dense_reference(path=None) -> dict:
+    """The dense SmolLM2 baseline: ``data/results/dense_smollm2.json`` (or ``path``).
+
+    Returns the file's dict: ``config`` (evaluation corpora, tokens, window), ``model``
+    (:func:`kronlab.models.model_info`), ``parameters``, ``weight_memory_bytes``,
+    ``perplexity`` (corpus -> the dict of :func:`kronlab.evaluate.perplexity`),
+    ``seconds`` and ``machine``. A missing file names the command that writes it.
+    """
+    path = results_dir() / "dense_smollm2.json" if path is None else Path(path)
+    data = _read_json(path, "dense-model reference", DENSE_COMMAND)
+    missing = [k for k in ("config", "perplexity", "machine") if k not in data]
+    if missing:
+        raise ValueError(f"{path} is not a dense-model reference (missing keys {missing}); "
+                         f"rewrite it with `{DENSE_COMMAND}`")
+    return data
+
+
+# ----------------------------------------------------------------------------- LLM sweeps
+
+def load_sweep(path=None) -> dict:
+    """Read an LLM sweep JSON (default ``data/results/llm_sweep.json``).
+
+    A missing file raises ``FileNotFoundError`` with the command that writes it; a file
+    without ``config``, ``dense`` and ``runs`` raises ``ValueError``.
+    """
+    path = results_dir() / "llm_sweep.json" if path is None else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no LLM sweep at {path}. It is written by `{SWEEP_COMMAND}` (the book's default "
+            f"sweep, ~hours on 2 CPU cores) or, for a quick development file, `{SWEEP_COMMAND} "
+            "--ratios 0.6 --methods kron svd --calib-tokens 1024 --eval-tokens 1024 --out "
+            "/tmp/sweep_dev.json` and the chapter parameter sweep_path.")
+    sweep = _read_json(path, "LLM sweep", SWEEP_COMMAND)
+    missing = [k for k in ("config", "dense", "runs") if k not in sweep]
+    if missing:
+        raise ValueError(f"{path} is not an LLM sweep (missing keys {missing}); expected the "
+                         f"output of `{SWEEP_COMMAND}`")
+    return sweep
+
+
+def sweep_config(sweep: dict) -> dict:
+    """A sweep's configuration under the script's current option names.
+
+    Sweeps recorded before ``--als-iters`` became ``--als-sweeps`` store ``als_iters``;
+    it is returned as ``als_sweeps`` (same meaning: ALS sweeps of ``kron-aa``).
+    """
+    return {_RENAMED_CONFIG_KEYS.get(k, k): v for k, v in sweep["config"].items()}
+
+
+def sweep_command(sweep: dict, out=None) -> str:
+    """The one command that reproduces a sweep's configuration (``--out`` if ``out`` is given)."""
+    flags = []
+    for key, value in sweep_config(sweep).items():
+        if value is None or value is False:
+            continue
+        opt = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(opt)
+        else:
+            vals = value if isinstance(value, list) else [value]
+            flags.append(opt + " " + " ".join(shlex.quote(str(v)) for v in vals))
+    cmd = " ".join([SWEEP_COMMAND] + flags)
+    return cmd + (f" --out {shlex.quote(str(out))}" if out is not None else "")
+
+
+def sweep_prompt(sweep: dict) -> str:
+    """The prompt of the sweep's generation samples (``sweep["dense"]["sample"]`` and each
+    run's ``"sample"`` continue it): the recorded ``"prompt"``, else :data:`SWEEP_PROMPT`."""
+    return sweep.get("prompt", SWEEP_PROMPT)
+
+
+def sweep_frame(sweep: dict) -> pd.DataFrame:
+    """One row per compressed run of a sweep (the dict from :func:`load_sweep`).
+
+    Columns: method, ratio, macs_ratio (None = parameter budget only), the report summary's
+    ``model_params_kept``, ``layer_params_kept``, ``macs_kept``, ``mean_weight_error``
+    (e_W), ``mean_output_error`` (e_Y), ``compress_seconds``, and per evaluation corpus
+    ``ppl_<corpus>`` and ``dlogppl_<corpus>`` = log(ppl / dense ppl) (the change of the
+    mean negative log-likelihood per token, nats).
+    """
+    import pandas as pd
+
+    corpora = [k for k, v in sweep["dense"].items() if isinstance(v, dict) and "perplexity" in v]
+    rows = []
+    for run in sweep["runs"]:
+        s = run["report"]["summary"]
+        row = {"method": run["method"], "ratio": float(run["ratio"]),
+               "macs_ratio": run.get("macs_ratio"),
+               "model_params_kept": s["model_params_kept"],
+               "layer_params_kept": s["layer_params_kept"], "macs_kept": s["macs_kept"],
+               "mean_weight_error": s["mean_weight_error"],
+               "mean_output_error": s["mean_output_error"],
+               "compress_seconds": run.get("compress_seconds", s.get("seconds"))}
+        for c in corpora:
+            if c in run.get("ppl", {}):
+                p = run["ppl"][c]["perplexity"]
+                row[f"ppl_{c}"] = p
+                row[f"dlogppl_{c}"] = math.log(p / sweep["dense"][c]["perplexity"])
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["macs_ratio"] = df["macs_ratio"].astype(object).where(df["macs_ratio"].notna(), None)
+        df = df.sort_values(["method", "ratio"], ascending=[True, False]).reset_index(drop=True)
+    return df
+
+
+def error_ppl_correlation(frame: pd.DataFrame, corpus: str) -> dict:
+    """Spearman rank correlations of ``dlogppl_<corpus>`` with mean e_W and mean e_Y.
+
+    Uses the runs where both are known. Returns ``{"n": runs, "weight": rho_W,
+    "output": rho_Y}`` (NaN when fewer than 3 runs or a column is constant).
+    """
+    col = f"dlogppl_{corpus}"
+    if col not in frame:
+        raise KeyError(f"no column {col!r}; corpora in the frame: "
+                       f"{[c[8:] for c in frame.columns if c.startswith('dlogppl_')]}")
+    d = frame[[col, "mean_weight_error", "mean_output_error"]].dropna().astype(float)
+    out = {"n": len(d)}
+    for key, c in (("weight", "mean_weight_error"), ("output", "mean_output_error")):
+        ok = len(d) >= 3 and d[c].nunique() > 1 and d[col].nunique() > 1
+        out[key] = float(d[col].corr(d[c], method="spearman")) if ok else float("nan")
+    return out
