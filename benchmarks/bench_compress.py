@@ -1,13 +1,15 @@
 """Whole-model compression time of SmolLM2-135M, per layer type, for each method.
 
-With the settings of the recorded sweep (``scripts/run_llm_experiments.py``: 8192
-calibration tokens of the SOTU corpus, 2 ALS sweeps, ``permute="variance"``, shapes
-chosen once per layer type), time ``compress`` of every decoder-block linear layer
-(210 layers) for ``kron-aa`` and, in the same run, the other methods, and print the
-seconds per layer type, the total and its ratio to ``svd-aa``'s. Target of issue 3:
-``kron-aa`` on the whole model in under 10 minutes on this CPU.
+With the settings of the recorded sweep (``kronlab.defaults``: calibration tokens of the
+SOTU corpus, ALS sweeps, ``permute`` for kron-aa, shapes chosen once per layer type),
+time ``compress`` of every decoder-block linear layer (210 layers) for ``kron-aa`` and,
+in the same run, the other methods, and print the seconds per layer type, the total and
+its ratio to ``svd-aa``'s. Target of issue 3: ``kron-aa`` on the whole model in under 10
+minutes on this CPU.
 
-Regenerate ``data/results/bench_compress.txt`` with::
+Regenerate ``data/results/bench_compress.json`` (rows per method and layer type, totals,
+configuration and machine; read with ``kronlab.results.load_benchmark("bench_compress")``)
+with::
 
     .venv/bin/python benchmarks/bench_compress.py            # all blocks (minutes)
     .venv/bin/python benchmarks/bench_compress.py --blocks 2  # first 2 blocks, printed only
@@ -18,28 +20,128 @@ Covariance collection is timed separately (it is shared by all methods).
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import os
-import platform
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+from kronlab.defaults import (  # noqa: E402
+    ALS_SWEEPS,
+    CALIB_TOKENS,
+    CALIBRATION,
+    PERMUTE,
+    SEED,
+    SEQ_LEN,
+    SHAPE_POLICY,
+    THREADS,
+)
+from kronlab.paths import results_dir, write_atomic  # noqa: E402
+from kronlab.runtime import configure_threads  # noqa: E402
 
-from kronlab.paths import write_atomic  # noqa: E402
-from kronlab.analysis import layer_kind  # noqa: E402
-from kronlab.calibration import collect_covariances  # noqa: E402
-from kronlab.compress import compress  # noqa: E402
-from kronlab.data import calibration_token_batches, split_corpus  # noqa: E402
-from kronlab.models import find_linear_layers, load_model  # noqa: E402
+NAME = "bench_compress"
+TITLE = "whole-model compression time, SmolLM2-135M"
+TARGET_MINUTES = 10
 
-OUT = ROOT / "data" / "results" / "bench_compress.txt"
+__all__ = ["main", "measure", "report"]
+
+
+def measure(model, tokenizer, *, methods, ratio: float = 0.6, blocks: int | None = None,
+            calibration: str = CALIBRATION, calib_text: str | None = None,
+            calib_tokens: int = CALIB_TOKENS, seq_len: int = SEQ_LEN, als_sweeps: int = ALS_SWEEPS,
+            permute=PERMUTE, shape_policy: str = SHAPE_POLICY, seed: int = SEED,
+            model_name: str = "smollm2", on_method=None) -> dict:
+    """Time :func:`kronlab.compress.compress` of ``model`` for each method; the result dict.
+
+    ``permute`` applies to kron-aa only. ``calib_text`` defaults to the calibration part
+    of the corpus ``calibration``. Keys: ``benchmark``, ``title``, ``config``,
+    ``n_layers``, ``covariance_seconds``, ``totals`` (method -> seconds), ``rows`` (one per
+    method and layer type: ``method``, ``layer_type``, ``seconds``, ``n_layers``,
+    ``mean_seconds``), ``summary`` (kron-aa's total, its target and its ratio to the other
+    methods), ``wall_seconds`` and ``machine``. ``on_method(method, rows, total)`` is
+    called after each method.
+    """
+    import torch
+
+    from kronlab.calibration import collect_covariances
+    from kronlab.compress import compress
+    from kronlab.data import calibration_token_batches, split_corpus
+    from kronlab.models import find_linear_layers, layer_type
+    from kronlab.runtime import machine_info
+
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t_start = time.perf_counter()
+    layers = None if blocks is None else [f"model.layers.{b}.*" for b in range(blocks)]
+    names = list(find_linear_layers(model, include=layers))
+    if calib_text is None:
+        calib_text = split_corpus(calibration)[0]
+    calib = calibration_token_batches(tokenizer, calib_text, n_tokens=calib_tokens,
+                                      seq_len=seq_len, seed=seed)
+    t0 = time.perf_counter()
+    covs = collect_covariances(model, calib, names, progress=False)
+    t_cov = time.perf_counter() - t0
+    totals, rows = {}, []
+    for method in methods:
+        t0 = time.perf_counter()
+        _, rep = compress(model, method=method, ratio=ratio, covariances=covs, layers=layers,
+                          als_sweeps=als_sweeps, permute=permute if method == "kron-aa" else None,
+                          shape_policy=shape_policy, progress=False)
+        totals[method] = time.perf_counter() - t0
+        per_type: dict[str, list[float]] = {}
+        for lr in rep.layers:
+            per_type.setdefault(layer_type(lr.name), []).append(lr.seconds)
+        new = [{"method": method, "layer_type": k, "seconds": sum(v), "n_layers": len(v),
+                "mean_seconds": sum(v) / len(v)} for k, v in per_type.items()]
+        rows += new
+        if on_method is not None:
+            on_method(method, new, totals[method])
+    summary = {}
+    if "kron-aa" in totals:
+        t = totals["kron-aa"]
+        summary = {"kron_aa_seconds": t, "kron_aa_minutes": t / 60,
+                   "time_ratios": {f"kron-aa / {o}": t / totals[o]
+                                   for o in ("svd-aa", "kron") if o in totals}}
+        if blocks is None:
+            summary |= {"target_minutes": TARGET_MINUTES, "target_met": t < 60 * TARGET_MINUTES}
+    config = {"model": model_name, "methods": list(methods), "ratio": ratio, "blocks": blocks,
+              "calibration": calibration, "calib_tokens": calib_tokens, "seq_len": seq_len,
+              "als_sweeps": als_sweeps, "permute": permute, "shape_policy": shape_policy,
+              "seed": seed, "threads": torch.get_num_threads()}
+    return {"benchmark": NAME, "title": TITLE, "config": config, "n_layers": len(names),
+            "covariance_seconds": t_cov, "totals": totals, "rows": rows, "summary": summary,
+            "wall_seconds": time.perf_counter() - t_start,
+            "machine": machine_info("cpu", load_start=load_start)}
+
+
+def method_line(method: str, rows: list[dict], total: float) -> str:
+    detail = ", ".join(f"{r['layer_type']} {r['seconds']:.1f} s ({r['n_layers']}, mean "
+                       f"{r['mean_seconds']:.2f})" for r in rows)
+    return f"{method:8s} total {total:7.1f} s  ({detail})"
+
+
+def report(result: dict) -> str:
+    """The readable summary of a result dict (what the script prints at the end)."""
+    c, s = result["config"], result["summary"]
+    lines = [f"kronlab benchmark: {result['title']}",
+             (f"{result['n_layers']} layers; calibration {c['calib_tokens']} {c['calibration']} "
+              f"tokens, covariances in {result['covariance_seconds']:.1f} s; ratio {c['ratio']}, "
+              f"{c['als_sweeps']} ALS sweeps, permute={c['permute']} (kron-aa), shape policy "
+              f"{c['shape_policy']}"), ""]
+    for method, total in result["totals"].items():
+        lines.append(method_line(method, [r for r in result["rows"] if r["method"] == method],
+                                 total))
+    if s:
+        scope = "whole model" if c["blocks"] is None else f"first {c['blocks']} blocks"
+        t = s["kron_aa_seconds"]
+        lines += ["", f"kron-aa, {scope}: {t:.0f} s = {t / 60:.1f} min"
+                  + (f" (target < {s['target_minutes']} min: {'met' if s['target_met'] else 'NOT met'})"
+                     if "target_met" in s else "")]
+        lines += [f"{k} time: {v:.1f}x" for k, v in s["time_ratios"].items()]
+    lines.append(f"command: {result['machine']['command']}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -47,63 +149,30 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.6)
     ap.add_argument("--methods", nargs="+", default=["kron-aa", "kron", "svd-aa", "svd"])
     ap.add_argument("--blocks", type=int, default=None,
-                    help="only the first N decoder blocks (prints, does not write the file)")
-    ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--als-iters", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+                    help="only the first N decoder blocks (prints; writes only with --out)")
+    ap.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
+    ap.add_argument("--als-sweeps", type=int, default=ALS_SWEEPS)
+    ap.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"result file (default data/results/{NAME}.json for a whole-model run)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    lines: list[str] = []
+    configure_threads(args.threads)  # before torch is imported
+    from kronlab.compress import METHODS
+    from kronlab.models import load_model
 
-    def say(msg: str = "") -> None:
-        print(msg, flush=True)
-        lines.append(msg)
-
-    say("kronlab benchmark: whole-model compression time, SmolLM2-135M")
-    say(f"date {datetime.datetime.now().isoformat(timespec='seconds')}  platform {platform.platform()}  "
-        f"cpus {os.cpu_count()}  torch threads {torch.get_num_threads()}  "
-        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
-    say(f"torch {torch.__version__}  command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}  "
-        f"load average at start {os.getloadavg()[0]:.1f}")
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
     model, tok = load_model()
-    layers = None
-    if args.blocks is not None:
-        layers = [f"model.layers.{b}.*" for b in range(args.blocks)]
-    names = list(find_linear_layers(model, include=layers))
-    calib_text, _ = split_corpus("sotu")
-    calib = calibration_token_batches(tok, calib_text, n_tokens=args.calib_tokens, seq_len=512, seed=0)
-    t0 = time.perf_counter()
-    covs = collect_covariances(model, calib, names, progress=False)
-    t_cov = time.perf_counter() - t0
-    say(f"{len(names)} layers; calibration {args.calib_tokens} SOTU tokens, covariances in {t_cov:.1f} s; "
-        f"ratio {args.ratio}, {args.als_iters} ALS sweeps, permute=variance (kron-aa), shapes per layer type")
-    say("")
-    totals = {}
-    for method in args.methods:
-        t0 = time.perf_counter()
-        _, rep = compress(model, method=method, ratio=args.ratio, covariances=covs, layers=layers,
-                          als_iters=args.als_iters, permute="variance" if method == "kron-aa" else None,
-                          shape_policy="per-type", progress=False)
-        totals[method] = time.perf_counter() - t0
-        per_type: dict = defaultdict(list)
-        for lr in rep.layers:
-            per_type[layer_kind(lr.name)].append(lr.seconds)
-        detail = ", ".join(f"{k} {sum(v):.1f} s ({len(v)}, mean {sum(v) / len(v):.2f})"
-                           for k, v in per_type.items())
-        say(f"{method:8s} total {totals[method]:7.1f} s  ({detail})")
-    say("")
-    if "kron-aa" in totals:
-        t = totals["kron-aa"]
-        scope = "whole model" if args.blocks is None else f"first {args.blocks} blocks"
-        say(f"kron-aa, {scope}: {t:.0f} s = {t / 60:.1f} min"
-            + (f" (target < 10 min: {'met' if t < 600 else 'NOT met'})" if args.blocks is None else ""))
-        for other in ("svd-aa", "kron"):
-            if other in totals:
-                say(f"kron-aa / {other} time: {t / totals[other]:.1f}x")
-    say(f"load average at end {os.getloadavg()[0]:.1f}")
-    if args.blocks is None:
-        write_atomic(OUT, "\n".join(lines) + "\n")
-        print(f"wrote {OUT}")
+    result = measure(model, tok, methods=args.methods, ratio=args.ratio, blocks=args.blocks,
+                     calib_tokens=args.calib_tokens, als_sweeps=args.als_sweeps,
+                     on_method=lambda m, rows, t: print(method_line(m, rows, t), flush=True))
+    print(report(result))
+    out = args.out if args.out is not None or args.blocks is not None else \
+        results_dir() / f"{NAME}.json"
+    if out is not None:
+        write_atomic(out, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0
 
 

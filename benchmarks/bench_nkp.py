@@ -211,11 +211,10 @@ def measure(*, size: int = 4096, a_shape=(64, 64), ranks=(1, 4, 8, 16), keep: fl
     more_parts, more_rows = part_layers(rng, keep, scale, sweeps)
     config = {"quick": quick, "size": size, "a_shape": [int(v) for v in a_shape],
               "ranks": [int(r) for r in ranks], "keep": keep, "scale": scale,
-              "als_sweeps": sweeps, "tol": 0, "seed": seed, "threads": torch.get_num_threads(),
-              "numpy": np.__version__}
+              "als_sweeps": sweeps, "tol": 0, "seed": seed, "threads": torch.get_num_threads()}
     return {"benchmark": NAME, "title": TITLE, "config": config, "parts": parts | more_parts,
             "rows": rows + more_rows, "wall_seconds": time.perf_counter() - t0,
-            "machine": machine_info("cpu", load_start=load_start)}
+            "machine": machine_info("cpu", load_start=load_start) | {"numpy": np.__version__}}
 
 
 def main(argv=None) -> int:

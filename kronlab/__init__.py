@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "KronChoice": "._choose",
     "choose_kron": "._choose",
+    "is_low_rank_shape": "._choose",
+    "shape_class": "._choose",
     "COMPARE_METHODS": "._compare",
     "fit_methods": "._compare",
     "method_errors": "._compare",

@@ -68,17 +68,23 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} has {bad} NaN or Inf entries; all entries must be finite")
 
 
-def check_cov(C: torch.Tensor, n: int, name: str = "cov", rtol: float = 1e-6) -> torch.Tensor:
-    """Validate a covariance: shape (n, n), finite, symmetric; return its exact symmetric part."""
+def check_cov(C: torch.Tensor, n: int, name: str = "cov", rtol: float = 1e-6, *,
+              valid: str | None = None) -> torch.Tensor:
+    """Validate a covariance: shape (n, n), finite, symmetric; return its exact symmetric part.
+
+    ``valid`` describes the valid input in the error messages (default: the input
+    covariance ``X^T X / N`` of a layer with n inputs).
+    """
+    what = valid or f"the input covariance X^T X / N of a layer with n={n} inputs"
     if C.ndim != 2 or tuple(C.shape) != (n, n):
-        raise ValueError(f"{name} has shape {tuple(C.shape)}; expected {(n, n)} "
-                         f"(the input covariance X^T X / N of a layer with n={n} inputs)")
+        raise ValueError(f"{name} has shape {tuple(C.shape)}; expected {(n, n)} ({what})")
     check_finite(C, name)
     scale = float(C.abs().max()) if C.numel() else 0.0
     asym = float((C - C.T).abs().max()) if C.numel() else 0.0
     if asym > rtol * max(scale, 1e-300):
         raise ValueError(f"{name} is not symmetric (max |C - C^T| = {asym:.3g}, max |C| = {scale:.3g}); "
-                         "a covariance X^T X / N must be symmetric")
+                         + (f"{name} must be {valid}" if valid else
+                            "a covariance X^T X / N must be symmetric"))
     return 0.5 * (C + C.T)
 
 
@@ -130,40 +136,51 @@ def truncated_svd(M: torch.Tensor, k: int, method: str = "auto", **kw):
     return U[:, :k], S[:k], Vh[:k], S, "exact"
 
 
-def damped_cholesky(C: torch.Tensor, damping: float = 1e-6, max_tries: int = 12):
+def damped_cholesky(C: torch.Tensor, damping: float = 1e-6, max_tries: int = 12, *,
+                    max_damping: float | None = None, name: str = "cov",
+                    valid: str = "a covariance X^T X / N"):
     """Lower Cholesky factor of ``C + lam * mean(diag C) * I``.
 
     Starts at ``lam = damping`` and multiplies it by 10 until the factorisation succeeds.
-    Returns ``(L, lam)``; ``lam`` is the relative damping actually used.
+    Returns ``(L, lam)``; ``lam`` is the relative damping actually used. With
+    ``max_damping`` the ladder stops there: a matrix that needs more is indefinite beyond
+    rounding, and gets a ValueError (naming ``name`` and what would be ``valid``) rather
+    than a large silent ridge. A negative mean diagonal is never a covariance.
     """
     n = C.shape[0]
     scale = float(torch.diagonal(C).mean()) if n else 1.0
+    if max_damping is not None and n and scale < 0:
+        raise ValueError(f"{name} is not positive semidefinite (mean diagonal {scale:.3g} < 0); "
+                         f"pass {valid}")
     if not scale > 0:
         scale = 1.0
     lam = float(damping)
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     for _ in range(max_tries):
+        if max_damping is not None and lam > max_damping * (1 + 1e-12):
+            break
         L, info = torch.linalg.cholesky_ex(C + (lam * scale) * eye)
         if int(info) == 0:
             return L, lam
         lam = max(lam * 10.0, 1e-12)
-    raise ValueError(f"cov is not positive semidefinite (Cholesky failed even with damping {lam:.1e} "
-                     "times mean(diag C)); pass a covariance X^T X / N")
+    raise ValueError(f"{name} is not positive semidefinite (Cholesky failed even with damping "
+                     f"{min(lam, max_damping or lam):.1e} times mean(diag {name})); pass {valid}")
 
 
-def psd_sqrt_pair(C: torch.Tensor, damping: float = 1e-6):
+def psd_sqrt_pair(C: torch.Tensor, damping: float = 1e-6, *, name: str = "cov factor",
+                  valid: str = "a covariance"):
     """Symmetric ``S = Cd^{1/2}`` and ``S^{-1}`` of ``Cd = C + lam * mean(diag C) * I``.
 
     Eigenvalues of ``C`` below ``lam * mean(diag C)`` in magnitude (or negative from
-    rounding) are raised to that floor. Returns ``(S, S_inv, lam)``.
+    rounding) are raised to that floor. Returns ``(S, S_inv, lam)``. Cost: one eigh, n^3.
     """
     evals, V = torch.linalg.eigh(C)
     scale = float(torch.diagonal(C).mean()) if C.shape[0] else 1.0
     if not scale > 0:
         scale = float(evals.abs().max()) or 1.0
     if float(evals.min()) < -1e-6 * max(float(evals.max()), 1e-300):
-        raise ValueError("cov factor is not positive semidefinite "
-                         f"(smallest eigenvalue {float(evals.min()):.3g}); pass a covariance")
+        raise ValueError(f"{name} is not positive semidefinite "
+                         f"(smallest eigenvalue {float(evals.min()):.3g}); pass {valid}")
     floor = damping * scale
     d = torch.clamp(evals, min=0.0) + floor
     S = (V * d.sqrt()) @ V.T

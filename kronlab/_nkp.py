@@ -404,6 +404,307 @@ def _als(W, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None, ve
     return A, B, history, {"solver": solver, "cg_iterations": cg_counts}
 
 
+# ----------------------------------------------------------------------------- two-sided ALS
+
+#: elements of the intermediate tensor per chunk when the two-sided Gram is formed
+_GRAM_CHUNK = 2**23
+
+
+def whiten_kron_left(S1, S2, W):
+    """``(S1 kron S2) W`` without the Kronecker product: two small products, O(m n (m1 + m2)).
+
+    The row-side analogue of :func:`whiten_kron`. Shapes: S1 (m1, m1), S2 (m2, m2),
+    W (m1 m2, n) torch -> (m1 m2, n).
+    """
+    m1, m2 = S1.shape[0], S2.shape[0]
+    n = W.shape[1]
+    Y = S2 @ W.reshape(m1, m2, n)  # the row index b of every block row a
+    return (S1 @ Y.reshape(m1, m2 * n)).reshape(m1 * m2, n)
+
+
+def _left(G, E):
+    """``G E`` for G None (identity), a Kronecker pair ``(G1, G2)`` or dense (m, m)."""
+    if G is None:
+        return E
+    if isinstance(G, tuple):
+        return whiten_kron_left(G[0], G[1], E)
+    return G @ E
+
+
+def _right(E, C):
+    """``E C`` for C None (identity), a Kronecker pair ``(C1, C2)`` or dense (n, n)."""
+    if C is None:
+        return E
+    if isinstance(C, tuple):
+        return whiten_kron(E, C[0], C[1])
+    return E @ C
+
+
+class _FisherObjective:
+    """``f(A, B) = tr(G E C E^T) = <G E C, E>``, ``E = W - W_hat``, computed densely.
+
+    G and C are each None (identity), a Kronecker pair or dense. ``G W C`` is computed
+    once; each evaluation costs ``r m n + m^2 n + m n^2`` (dense G and C) and is accurate
+    down to f ~ 1e-16 tr(G W C W^T) (no expansion, no cancellation).
+    """
+
+    def __init__(self, W, G, C):
+        self.W, self.G, self.C = W, G, C
+        self.GWC = _right(_left(G, W), C)
+        self.total = float((self.GWC * W).sum())
+
+    def __call__(self, A, B):
+        E = self.W - _dense(A, B)
+        return float((_right(_left(self.G, E), self.C) * E).sum())
+
+
+def _chol_damped(M):
+    """Batched lower Cholesky factors of SPD-ish blocks M (..., k, k), each raised by
+    1e-10 of its mean diagonal (a zero block by 1e-12 of the largest); a block that still
+    fails is rebuilt from its eigendecomposition with clamped eigenvalues."""
+    M = M.clone()
+    diag = torch.diagonal(M, dim1=-2, dim2=-1)
+    scale = diag.mean(dim=-1)
+    top = float(scale.max()) if scale.numel() else 1.0
+    scale = scale.clamp(min=max(1e-12 * top, 1e-300))
+    diag.add_((1e-10 * scale)[..., None])
+    L, info = torch.linalg.cholesky_ex(M)
+    bad = torch.nonzero(info.reshape(-1)).flatten()
+    if bad.numel():
+        Mb = M.reshape(-1, *M.shape[-2:])[bad]
+        ev, V = torch.linalg.eigh(Mb)
+        ev = ev.clamp(min=1e-10 * max(top, 1e-300))
+        Lf = L.reshape(-1, *M.shape[-2:])
+        Lf[bad] = torch.linalg.cholesky((V * ev[:, None, :]) @ V.transpose(-1, -2))
+        L = Lf.reshape(M.shape)
+    return L
+
+
+class _Problem2:
+    """The quadratic in the left factor ``X`` (r, p1, q1) under ``f = tr(G E C E^T)``, F fixed.
+
+    ``W_hat(X) = sum_i X_i kron F_i``. Setting the gradient to zero gives the normal
+    equations ``Gram(X) = H`` with the Gram operator ``Gram(X) = R(G W_hat(X) C) Fhat^T`` and
+    ``H = R(G W C) Fhat^T`` (``RGWC`` holds ``R(G W C)``). Unlike the one-sided problem
+    (:class:`_Problem`) the p1 rows of X's blocks couple through G: one system of
+    ``r p1 q1`` unknowns. ``gfac = (G1, G2)`` and ``cfac = (C1, C2)`` are SPD Kronecker
+    approximations ``G ~ G1 kron G2`` (p1, p2) and ``C ~ C1 kron C2`` (q1, q2), used only by
+    the preconditioner. The B-step uses the same code on the commuted problem.
+    """
+
+    def __init__(self, G, C, RGWC, p1, q1, p2, q2, gfac=None, cfac=None):
+        self.G, self.C, self.RGWC = G, C, RGWC
+        self.p1, self.q1, self.p2, self.q2 = p1, q1, p2, q2
+        self.gfac, self.cfac = gfac, cfac
+
+    def what(self, X, F):
+        r = F.shape[0]
+        return inverse_rearrange(X.reshape(r, -1).T @ F.reshape(r, -1), (self.p1, self.q1),
+                                 (self.p2, self.q2))
+
+    def rhs(self, F):
+        """``H = R(G W C) Fhat^T`` as (r, p1, q1); cost r m n."""
+        r = F.shape[0]
+        return (self.RGWC @ F.reshape(r, -1).T).T.reshape(r, self.p1, self.q1)
+
+    def gram_apply(self, X, F):
+        """``R(G W_hat(X) C) Fhat^T`` without any Kronecker product or Gram matrix.
+
+        Cost ``2 r m n + m^2 n + m n^2``: W_hat(X), two dense products, the contraction.
+        """
+        r = F.shape[0]
+        Y = (self.G @ self.what(X, F)) @ self.C
+        return (rearrange(Y, (self.p1, self.q1)) @ F.reshape(r, -1).T).T.reshape(r, self.p1, self.q1)
+
+    def gram(self, F):
+        """The full Gram ``[(i,a,j),(l,a',j')] = sum_{b,b',k,k'} F_i[b,k] F_l[b',k']
+        G[(a,b),(a',b')] C[(j,k),(j',k')]`` (N = r p1 q1 square).
+
+        Contracted G-first (intermediate ``(p1 q2)^2 r`` per term) or C-first (``(p2 q1)^2 r``),
+        whichever is smaller, in chunks of terms. Cost ``r^2 p1^2 q1^2 q2^2`` (G-first) or
+        ``r^2 p1^2 p2^2 q1^2`` (C-first), plus the cheaper first contractions.
+        """
+        r = F.shape[0]
+        p1, q1, p2, q2 = self.p1, self.q1, self.p2, self.q2
+        G4 = self.G.reshape(p1, p2, p1, p2)
+        C4 = self.C.reshape(q1, q2, q1, q2)
+        g_first = p1 * q2 <= p2 * q1
+        per_term = r * (p1 * q2) ** 2 if g_first else r * (p2 * q1) ** 2
+        step = max(1, _GRAM_CHUNK // max(per_term, 1))
+        out = torch.empty(r, p1, q1, r, p1, q1, dtype=F.dtype, device=F.device)
+        for s in range(0, r, step):
+            Fi = F[s:s + step]
+            if g_first:
+                T = torch.einsum("abAB,ibk->iaAkB", G4, Fi)
+                T = torch.einsum("iaAkB,lBK->iaAklK", T, F)
+                out[s:s + step] = torch.einsum("iaAklK,jkJK->iajlAJ", T, C4)
+            else:
+                T = torch.einsum("ibk,jkJK->ibjJK", Fi, C4)
+                T = torch.einsum("ibjJK,lBK->ibjJlB", T, F)
+                out[s:s + step] = torch.einsum("abAB,ibjJlB->iajlAJ", G4, T)
+        N = r * p1 * q1
+        M = out.reshape(N, N)
+        return 0.5 * (M + M.T)
+
+    def solve_direct(self, F, X0):
+        """Exact block minimiser: Cholesky of the full Gram (size r p1 q1, cost N^3 / 3)."""
+        r = F.shape[0]
+        M = self.gram(F)
+        H = self.rhs(F).reshape(-1, 1)
+        L, info = torch.linalg.cholesky_ex(M)
+        if int(info) == 0:
+            x = torch.cholesky_solve(H, L)
+        else:  # rank-deficient F (e.g. a zero term): minimum-norm minimiser
+            x = torch.linalg.lstsq(M, H, rcond=None, driver="gelsd").solution if M.device.type == "cpu" \
+                else torch.linalg.pinv(M, hermitian=True) @ H
+        return x.reshape(r, self.p1, self.q1), 0
+
+    def preconditioner(self, F, kind="kron"):
+        """An SPD approximation of the Gram's inverse, as a function R (r, p1, q1) -> Z.
+
+        ``kind="kron"``: the whole Gram under ``G ~ G1 kron G2``, ``C ~ C1 kron C2``, which is
+        ``K kron G1 kron C1`` with the r x r term coupling ``K[i, l] = tr(G2 F_l C2 F_i^T)``;
+        inverted factor by factor. Exact when G and C are Kronecker (then CG converges in
+        one step), and so always exact at the low-rank shapes (q1 = p2 = 1 or p1 = q2 = 1,
+        where G1 kron G2 = G and C1 kron C2 = C). Cost ``r m2 n2 (m2 + n2) + r^2 m2 n2`` and
+        ``p1^3 + q1^3 + r^3`` to build, ``r p1 q1 (r + p1 + q1)`` per application, memory
+        ``r^2 + p1^2 + q1^2``.
+
+        ``kind="block"``: block-Jacobi over terms with each diagonal block
+        ``Gram_ii ~ Gb_i kron Cb_i / s_i``, ``Gb_i = sum_{b,b'} (F_i C2 F_i^T)[b,b'] G[(a,b),(a',b')]``
+        (exact G, C approximated inside), ``Cb_i`` likewise with ``F_i^T G2 F_i`` and exact C,
+        ``s_i = tr(G2 F_i C2 F_i^T)``. Exact diagonal blocks for Kronecker G and C. Cost
+        ``r (m^2 + n^2)`` to build, ``r (p1^3 + q1^3) / 3`` to factor, memory ``r (p1^2 + q1^2)``.
+        """
+        r = F.shape[0]
+        p1, q1, p2, q2 = self.p1, self.q1, self.p2, self.q2
+        G1, G2 = self.gfac
+        C1, C2 = self.cfac
+        if kind == "kron":
+            Y = G2 @ F @ C2
+            K = F.reshape(r, -1) @ Y.reshape(r, -1).T
+            LK = _chol_damped(0.5 * (K + K.T))
+            LG = _chol_damped(G1)
+            LC = _chol_damped(C1)
+
+            def apply(R):
+                Z = torch.cholesky_solve(R.reshape(r, -1), LK).reshape(r, p1, q1)
+                Z = torch.cholesky_solve(Z, LG)
+                return torch.cholesky_solve(Z.transpose(1, 2), LC).transpose(1, 2)
+
+            return apply
+        if kind == "kron-tailored":
+            Mg = (F @ C2 @ F.transpose(1, 2)).sum(0)
+            Mc = (F.transpose(1, 2) @ G2 @ F).sum(0)
+            Gh = torch.einsum("abAB,bB->aA", self.G.reshape(p1, p2, p1, p2), Mg)
+            Ch = torch.einsum("jkJK,kK->jJ", self.C.reshape(q1, q2, q1, q2), Mc)
+            Y = G2 @ F @ C2
+            K = F.reshape(r, -1) @ Y.reshape(r, -1).T
+            LK = _chol_damped(0.5 * (K + K.T))
+            LG = _chol_damped(0.5 * (Gh + Gh.T))
+            LC = _chol_damped(0.5 * (Ch + Ch.T))
+
+            def apply(R):
+                Z = torch.cholesky_solve(R.reshape(r, -1), LK).reshape(r, p1, q1)
+                Z = torch.cholesky_solve(Z, LG)
+                return torch.cholesky_solve(Z.transpose(1, 2), LC).transpose(1, 2)
+
+            return apply
+        if kind != "block":
+            raise ValueError(f"preconditioner must be 'kron' or 'block', got {kind!r}")
+        Mg = F @ C2 @ F.transpose(1, 2)                      # (r, p2, p2)
+        Mc = F.transpose(1, 2) @ G2 @ F                      # (r, q2, q2)
+        sc = (Mg * G2).sum(dim=(1, 2))
+        sc = sc.clamp(min=max(1e-12 * float(sc.max()), 1e-300))
+        Gp = self.G.reshape(p1, p2, p1, p2).permute(0, 2, 1, 3).reshape(p1 * p1, p2 * p2)
+        Cp = self.C.reshape(q1, q2, q1, q2).permute(0, 2, 1, 3).reshape(q1 * q1, q2 * q2)
+        LG = _chol_damped((Mg.reshape(r, -1) @ Gp.T).reshape(r, p1, p1))
+        LC = _chol_damped((Mc.reshape(r, -1) @ Cp.T).reshape(r, q1, q1))
+
+        def apply(R):
+            Z = torch.cholesky_solve(R, LG)
+            Z = torch.cholesky_solve(Z.transpose(1, 2), LC).transpose(1, 2)
+            return Z * sc[:, None, None]
+
+        return apply
+
+    def solve_cg(self, F, X0, max_iter, rtol, precond="kron"):
+        """Preconditioned CG on ``Gram(X) = H`` from ``X0`` (one system, all r p1 q1 unknowns).
+
+        CG started at the current iterate decreases the quadratic at every step, so an
+        inexact half-step never increases f. Stops at ``||H - Gram(X)|| <= rtol ||H||``.
+        """
+        H = self.rhs(F)
+        X = X0.clone()
+        R = H - self.gram_apply(X, F)
+        hn = max(float(H.norm()), 1e-300)
+        if float(R.norm()) <= rtol * hn:
+            return X, 0
+        Pinv = self.preconditioner(F, precond)
+        Z = Pinv(R)
+        P = Z
+        rz = float((R * Z).sum())
+        it = 0
+        for it in range(1, max_iter + 1):
+            GP = self.gram_apply(P, F)
+            pgp = float((P * GP).sum())
+            if not pgp > 0 or not rz > 0:
+                break
+            alpha = rz / pgp
+            X = X + alpha * P
+            R = R - alpha * GP
+            if float(R.norm()) <= rtol * hn:
+                break
+            Z = Pinv(R)
+            rz_new = float((R * Z).sum())
+            P = Z + (rz_new / rz) * P
+            rz = rz_new
+        return X, it
+
+
+def _als2(W, G, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None,
+          precond="auto", verbose=False):
+    """Alternating exact (or monotone PCG) block minimisation of ``tr(G E C E^T)``."""
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    obj = _FisherObjective(W, G, C) if obj is None else obj
+    RGWC = rearrange(obj.GWC, (m1, n1))
+    if solver == "auto":
+        solver = "direct" if r * max(m1 * n1, m2 * n2) <= DIRECT_SOLVER_MAX else "cg"
+    if solver not in ("direct", "cg"):
+        raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
+    gfac = cfac = (None, None)
+    if solver == "cg":
+        gfac = kronecker_factor_cov(G, m1)
+        cfac = kronecker_factor_cov(C, n1)
+    pa = _Problem2(G, C, RGWC, m1, n1, m2, n2, gfac, cfac)
+    pb = _Problem2(_commute(G, m1, m2, m1, m2), _commute(C, n1, n2, n1, n2), RGWC.T.contiguous(),
+                   m2, n2, m1, n1, gfac[::-1], cfac[::-1])
+    f = obj(A, B)
+    history = [f]
+    cg_counts = []
+    for sweep in range(max_iter):
+        f_old = f
+        for prob, which in ((pa, "A"), (pb, "B")):
+            X0, F = (A, B) if which == "A" else (B, A)
+            if solver == "direct":
+                Xn, its = prob.solve_direct(F, X0)
+            else:
+                Xn, its = prob.solve_cg(F, X0, cg_max_iter, cg_tol, precond)
+            cg_counts.append(its)
+            if which == "A":
+                A = Xn.contiguous()
+            else:
+                B = Xn.contiguous()
+        f = obj(A, B)
+        history.append(f)
+        if verbose:
+            print(f"two-sided ALS sweep {sweep + 1}: f = {f:.6e}")
+        if f_old <= 0 or (f_old - f) <= tol * f_old:
+            break
+    return A, B, history, {"solver": solver, "cg_iterations": cg_counts}
+
+
 # ----------------------------------------------------------------------------- public
 
 #: the named starts of the activation-aware ALS (``init=``); a KronFactors is accepted too

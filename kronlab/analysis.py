@@ -19,6 +19,7 @@ import torch
 from ._linalg import check_cov, psd_sqrt_pair, sq_singular_values, to_work
 from ._nkp import kronecker_factor_cov, parse_permutation, whiten_kron
 from ._rearrange import check_a_shape, divisors, rearrange
+from .defaults import DAMPING
 
 __all__ = [
     "cumulative_energy",
@@ -54,7 +55,7 @@ def cumulative_energy(s) -> np.ndarray:
     return np.cumsum(s2) / tot
 
 
-def rearranged_spectrum(W, a_shape=None, cov=None, *, damping: float = 1e-6) -> np.ndarray:
+def rearranged_spectrum(W, a_shape=None, cov=None, *, damping: float = DAMPING) -> np.ndarray:
     r"""Singular values of the matrix whose truncated SVD is each method's optimum.
 
     ============  ============  ==============================================================
@@ -64,8 +65,12 @@ def rearranged_spectrum(W, a_shape=None, cov=None, *, damping: float = 1e-6) -> 
     None          C (n, n)      ``W C^{1/2}`` (whitened low rank, "svd-aa")
     (m1, n1)      None          ``R(W)`` (Van Loan-Pitsianis, "kron")
     (m1, n1)      C (n, n)      ``R(W (C1^{1/2} kron C2^{1/2}))`` with ``C ~ C1 kron C2``
-                                (:func:`kronlab.kronecker_factor_cov`): kron-aa's closed-form
-                                start, exact when C is a Kronecker product
+                                (:func:`kronlab.kronecker_factor_cov`): the spectrum kron-aa's
+                                closed-form start truncates. Its discarded energy is the
+                                start's error in the ``C1 kron C2`` metric, which equals the
+                                true output error only when C is a Kronecker product; on real
+                                covariances it can be far smaller (measure the true error with
+                                :func:`kronlab.relative_error` and ``cov=C``)
     ============  ============  ==============================================================
 
     ``C`` is damped by ``damping * mean(diag C)``. Returned descending, float64 numpy.
@@ -89,14 +94,16 @@ def rearranged_spectrum(W, a_shape=None, cov=None, *, damping: float = 1e-6) -> 
     return np.sqrt(sq_singular_values(M).cpu().numpy())
 
 
-def energy_curve(W, a_shape=None, cov=None, *, damping: float = 1e-6) -> pd.DataFrame:
+def energy_curve(W, a_shape=None, cov=None, *, damping: float = DAMPING) -> pd.DataFrame:
     """Energy held by the best rank-k term of each method, against the parameters it costs.
 
     One row per rank ``k``: ``params`` = ``k (m1 n1 + m2 n2)`` for a Kronecker sum
     (``a_shape`` given) or ``k (m + n)`` for low rank; ``param_fraction = params / (m n)``;
     ``energy`` = :func:`cumulative_energy` of :func:`rearranged_spectrum` and
-    ``error = sqrt(1 - energy)``, the relative (output, with ``cov``) error of the optimum
-    (exact for plain methods and svd-aa; for kron-aa the error of the closed-form start).
+    ``error = sqrt(1 - energy)``: the relative (output, with ``cov``) error of the optimum for
+    the plain methods and svd-aa. For a Kronecker shape with ``cov`` it is an error in the
+    ``C1 kron C2`` metric (see :func:`rearranged_spectrum`), NOT the output error of any fit:
+    use it to compare spectra, never as kron-aa's error.
     """
     Wt = to_work(W, name="W")
     m, n = Wt.shape

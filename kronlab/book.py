@@ -14,14 +14,23 @@ Pipeline (``kronlab book build``):
 ``kronlab book run CHAPTER -p NAME VALUE`` reruns one chapter with overrides,
 as a papermill user expects; add ``--html`` to rebuild the site afterwards.
 Figures land in ``_build/figures`` (PNG and PDF), or ``$KRONLAB_FIGURES``.
+
+The build prints one line per chapter (name, seconds, ok or failed). Kernels run
+with ``TQDM_DISABLE=1``, so no progress bar reaches a page, and the kernels'
+transport chatter on stderr (ZMQ/TCP warnings, a ``KeyboardInterrupt`` at shutdown)
+is filtered out; a failing cell's error is reported in full.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,9 +38,109 @@ import yaml
 
 from .paths import repo_root
 
-__all__ = ["build_book", "load_profile", "notebook_chapters", "run_chapter", "toc_documents"]
+__all__ = [
+    "BookBuildError",
+    "build_book",
+    "build_html",
+    "load_profile",
+    "notebook_chapters",
+    "run_chapter",
+    "run_chapter_timed",
+    "toc_documents",
+]
 
 TOP_FILES = ("_config.yml", "_toc.yml")
+
+
+class BookBuildError(RuntimeError):
+    """A chapter failed to execute, or jupyter-book failed to build the site."""
+
+
+# Lines a Jupyter kernel writes to the stderr it inherits that say nothing about the book.
+_NOISE = re.compile(
+    r"^\[IPKernelApp\] (WARNING|ERROR) \| .*(TCP without encryption|CurveZMQ|zmq|ZMQ"
+    r"|[Tt]ransport|Parent appears to have exited)"
+    r"|^KeyboardInterrupt\s*$")
+# Loggers whose warnings about the kernel's sockets and shutdown are not cell errors.
+_QUIET_LOGGERS = ("traitlets", "jupyter_client", "nbclient", "asyncio")
+
+
+def is_kernel_noise(block: str) -> bool:
+    """Whether a stderr line, or a whole traceback, is kernel chatter to drop.
+
+    A traceback is dropped only when it ends in a bare ``KeyboardInterrupt`` (a kernel
+    interrupted while shutting down); every other traceback is kept.
+
+    >>> is_kernel_noise("[IPKernelApp] WARNING | Kernel is running over TCP without encryption.")
+    True
+    >>> is_kernel_noise("Traceback (most recent call last):\\n  File 'x'\\nValueError: bad")
+    False
+    """
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    if not lines:
+        return False
+    if lines[0].startswith("Traceback (most recent call last)"):
+        return lines[-1].strip() == "KeyboardInterrupt"
+    return all(_NOISE.search(ln) for ln in lines)
+
+
+def _blocks(lines):
+    """Group stderr lines into single lines and whole tracebacks (header to exception line)."""
+    block: list[str] = []
+    for line in lines:
+        if block:
+            block.append(line)
+            if line[:1] not in (" ", "\t") and not line.startswith("Traceback"):
+                yield "".join(block)
+                block = []
+        elif line.startswith("Traceback (most recent call last)"):
+            block = [line]
+        else:
+            yield line
+    if block:
+        yield "".join(block)
+
+
+@contextlib.contextmanager
+def _quiet_kernels():
+    """Filter kernel noise from file descriptor 2 (which kernels inherit) while running.
+
+    Everything else written to stderr, by this process or a kernel, passes through at once.
+    """
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        saved = None
+    if saved is not None:
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+
+        def pump():
+            with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as src:
+                for block in _blocks(iter(src.readline, "")):
+                    if not is_kernel_noise(block):
+                        try:
+                            os.write(saved, block.encode("utf-8"))
+                        except OSError:
+                            pass
+
+        thread = threading.Thread(target=pump, name="kronlab-stderr-filter", daemon=True)
+        thread.start()
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, 2)  # closes the pipe's last write end this process holds
+            thread.join(timeout=10)
+            os.close(saved)
 
 
 def _root(root=None) -> Path:
@@ -154,14 +263,23 @@ def run_chapter(chapter: str, params: dict | None = None, *, profile: str = "def
     tmp = dest.with_name(f".{dest.stem}.running.ipynb")
     failed = dest.with_name(f"{dest.stem}.failed.ipynb")
     env_backup = {k: os.environ.get(k)
-                  for k in ("KRONLAB_ROOT", "KRONLAB_FIGURES", "OMP_WAIT_POLICY")}
+                  for k in ("KRONLAB_ROOT", "KRONLAB_FIGURES", "OMP_WAIT_POLICY", "TQDM_DISABLE",
+                            "PYTHONWARNINGS")}
     os.environ["KRONLAB_ROOT"] = str(root)
     # On a shared CPU, spinning OpenMP threads slow small matmuls by 10-100x.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("KRONLAB_FIGURES", str(out / "_build" / "figures"))
+    # No progress bar in a page; tqdm.auto would also warn that ipywidgets is missing.
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found") if w)
+    # log_output: stream the cells' stdout and stderr here as they run
+    stream = {"stdout_file": sys.stdout, "stderr_file": sys.stderr} if log_output else {}
     try:
-        pm.execute_notebook(str(src_ipynb), str(tmp), parameters=merged, kernel_name="python3",
-                            cwd=str(dest.parent), log_output=log_output, progress_bar=False)
+        with _quiet_kernels():
+            pm.execute_notebook(str(src_ipynb), str(tmp), parameters=merged,
+                                kernel_name="python3", cwd=str(dest.parent),
+                                progress_bar=False, **stream)
         _collapse_injected_parameters(tmp)
         os.replace(tmp, dest)
         failed.unlink(missing_ok=True)
@@ -213,19 +331,65 @@ def build_html(root=None, out=None, *, strict: bool = True) -> Path:
         cmd += ["-W", "-n", "--keep-going"]
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
-        raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}): {' '.join(cmd)}")
+        raise BookBuildError(f"jupyter-book build failed (exit {proc.returncode}): "
+                             f"{' '.join(cmd)}")
     return out / "_build" / "html"
+
+
+def run_chapter_timed(chapter: str, params: dict | None = None, *, profile: str = "default",
+                      root=None, out=None, log_output: bool = False, width: int = 20) -> Path:
+    """:func:`run_chapter`, then one line: the chapter, its seconds, ``ok`` or ``failed``.
+
+    A failure raises :class:`BookBuildError` with the cell's error and the path of the
+    partial notebook (``*.failed.ipynb``).
+    """
+    from papermill.exceptions import PapermillExecutionError
+
+    t0 = time.perf_counter()
+    try:
+        path = run_chapter(chapter, params, profile=profile, root=root, out=out,
+                           log_output=log_output)
+    except PapermillExecutionError as exc:
+        print(f"{chapter:<{width}s} {time.perf_counter() - t0:7.1f} s  failed", flush=True)
+        raise BookBuildError(_failure(chapter, exc, root, out)) from None
+    print(f"{chapter:<{width}s} {time.perf_counter() - t0:7.1f} s  ok", flush=True)
+    return path
+
+
+def _failure(chapter: str, exc: Exception, root, out) -> str:
+    root = _root(root)
+    out = Path(out).resolve() if out is not None else root
+    doc = notebook_chapters(root)[chapter]
+    partial = _site_dir(out) / f"{doc}.failed.ipynb"
+    return f"chapter {chapter} failed (partial notebook: {partial}):\n{exc}"
 
 
 def build_book(profile: str = "default", root=None, out=None, *, chapters=None,
                strict: bool = True) -> Path:
-    """Execute every chapter (or those named) with a profile, then build the site."""
+    """Execute every chapter (or those named) with a profile, then build the site.
+
+    Prints one line per chapter (name, seconds, ok or failed). Every chapter runs even
+    if an earlier one failed; then a :class:`BookBuildError` names each failure with its
+    cell error, and no site is built. Returns ``<out>/_build/html``.
+    """
     root = _root(root)
     names = list(chapters) if chapters else list(notebook_chapters(root))
     load_profile(profile, root)  # validate before spending time
+    known = notebook_chapters(root)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown chapters {unknown}; chapters are {sorted(known)}")
+    width = max(len(n) for n in names)
+    print(f"executing {len(names)} chapter(s) with profile {profile}:", flush=True)
+    failures = []
+    t0 = time.perf_counter()
     for name in names:
-        t0 = time.perf_counter()
-        print(f"[kronlab book] executing {name} (profile {profile}) ...", flush=True)
-        run_chapter(name, profile=profile, root=root, out=out)
-        print(f"[kronlab book] {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        try:
+            run_chapter_timed(name, profile=profile, root=root, out=out, width=width)
+        except BookBuildError as exc:
+            failures.append(str(exc))
+    print(f"{'all':<{width}s} {time.perf_counter() - t0:7.1f} s  "
+          f"{len(names) - len(failures)} ok, {len(failures)} failed", flush=True)
+    if failures:
+        raise BookBuildError("\n\n".join(failures))
     return build_html(root, out, strict=strict)

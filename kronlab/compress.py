@@ -16,17 +16,21 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ._choose import choose_kron
+from ._choose import SHAPE_CLASSES, choose_kron, is_low_rank_shape, shape_class
+from ._factors import KronFactors, LowRankFactors
 from ._lowrank import low_rank
-from ._nkp import nearest_kronecker, relative_error
-from .defaults import ALS_SWEEPS, PERMUTE, SHAPE_POLICY
+from ._nkp import relative_error
+from .defaults import ALS_SWEEPS, CHOOSER_SCREEN, CHOOSER_TOP_K, PERMUTE, SHAPE_POLICY
 from .layers import KronLinear, LowRankLinear
 from .models import find_linear_layers, layer_type, linear_weight, set_submodule
 
-__all__ = ["METHODS", "CompressionReport", "LayerReport", "compress", "compress_layer"]
+__all__ = ["METHODS", "CompressionReport", "LayerReport", "compress", "compress_layer", "objective_of"]
 
-METHODS = ("kron", "kron-aa", "svd", "svd-aa")
+#: kron / svd: weight error; -aa: output error on calibration activations (needs C);
+#: -fisher: K-FAC loss error (needs C and the output-gradient covariance G)
+METHODS = ("kron", "kron-aa", "kron-fisher", "svd", "svd-aa", "svd-fisher")
 _AA = {"kron-aa", "svd-aa"}
+_FISHER = {"kron-fisher", "svd-fisher"}
 
 
 @dataclass
@@ -46,6 +50,7 @@ class LayerReport:
     weight_error: float
     output_error: float | None
     seconds: float
+    fisher_error: float | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -83,6 +88,8 @@ class CompressionReport:
 
     def summary(self) -> dict:
         oe = [r.output_error for r in self.layers if r.output_error is not None]
+        fe = [r.fisher_error for r in self.layers if r.fisher_error is not None]
+        classes = [shape_class(r.shape, r.a_shape) for r in self.layers if r.a_shape is not None]
         return {
             "method": self.method,
             "ratio": self.ratio,
@@ -97,6 +104,8 @@ class CompressionReport:
             "macs_kept": self.macs_after / max(self.macs_before, 1),
             "mean_weight_error": sum(r.weight_error for r in self.layers) / max(len(self.layers), 1),
             "mean_output_error": (sum(oe) / len(oe)) if oe else None,
+            "mean_fisher_error": (sum(fe) / len(fe)) if fe else None,
+            "shape_classes": {c: classes.count(c) for c in SHAPE_CLASSES if c in classes},
             "seconds": self.seconds,
         }
 
@@ -129,43 +138,77 @@ class CompressionReport:
 def _check_args(method: str, ratio: float, macs_ratio: float | None) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    if not isinstance(ratio, (int, float)) or not (0 < ratio <= 1) or math.isnan(ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) \
+            or not (0 < ratio <= 1):
         raise ValueError(f"ratio must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
-    if macs_ratio is not None and not (0 < macs_ratio):
+    if macs_ratio is not None and (isinstance(macs_ratio, bool) or math.isnan(macs_ratio)
+                                   or not (0 < macs_ratio)):
         raise ValueError(f"macs_ratio must be positive (forward MACs kept / dense), got {macs_ratio!r}")
+
+
+def objective_of(method: str) -> str:
+    """What a method minimises: ``"weight"`` (kron, svd), ``"output"`` (-aa) or ``"fisher"``.
+
+    >>> objective_of("kron-fisher"), objective_of("svd")
+    ('fisher', 'weight')
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    return "fisher" if method in _FISHER else "output" if method in _AA else "weight"
 
 
 def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
                    macs_ratio: float | None = None, cov: torch.Tensor | None = None,
-                   a_shape=None, permute=PERMUTE, als_sweeps: int = ALS_SWEEPS, device=None,
-                   name: str = "layer"):
+                   gcov: torch.Tensor | None = None, a_shape=None, permute=PERMUTE,
+                   als_sweeps: int = ALS_SWEEPS, screen: int | None = CHOOSER_SCREEN,
+                   top_k: int = CHOOSER_TOP_K, device=None, name: str = "layer"):
     """Fit one (out x in) weight within the budget; return (new_module, LayerReport).
 
     The parameter budget is ``ratio * m * n`` numbers and the optional compute
     budget ``macs_ratio * m * n`` multiply-adds per token. Kronecker methods
-    pick the factor shape and rank with :func:`kronlab.choose_kron` (unless
-    ``a_shape`` is given); low-rank methods use the largest rank that fits.
+    choose the factor shape and rank, and fit, with :func:`kronlab.choose_kron` (only
+    ``a_shape`` when it is given); low-rank methods use the largest rank that fits.
+    Objectives: ``kron``/``svd`` the weight error, ``-aa`` the output error
+    ``tr(E C E^T)`` (needs ``cov``), ``-fisher`` the K-FAC loss error ``tr(G E C E^T)``
+    (needs ``cov`` and ``gcov``). A Kronecker fit at a low-rank shape (``(m, 1)`` or
+    ``(1, n)``) becomes a :class:`LowRankLinear` (the same matrix, cheaper to run).
+
+    The report gives all three errors that the statistics allow (weight; output with
+    ``cov``; Fisher with ``cov`` and ``gcov``) and, for Kronecker methods, the cost of
+    choosing in ``info["choose_seconds"]`` and the candidates in ``info["candidates"]``.
     """
     _check_args(method, ratio, macs_ratio)
-    if method in _AA and cov is None:
+    objective = objective_of(method)
+    if objective != "weight" and cov is None:
         raise ValueError(f"method {method!r} needs a calibration covariance (cov)")
+    if objective == "fisher" and gcov is None:
+        raise ValueError(f"method {method!r} needs the output-gradient covariance (gcov)")
     m, n = W.shape
     t0 = time.perf_counter()
     params_budget = ratio * m * n
     macs_budget = None if macs_ratio is None else macs_ratio * m * n
     Wd = W.detach().to(device) if device is not None else W.detach()
     C = None if cov is None else (cov.to(device) if device is not None else cov)
-    aa_cov = C if method in _AA else None
-    info: dict = {}
+    G = None if gcov is None else (gcov.to(device) if device is not None else gcov)
+    fit_cov = C if objective != "weight" else None
+    fit_g = {"gcov": G} if objective == "fisher" else {}
+    info: dict = {"objective": objective}
     if method.startswith("kron"):
         choice = choose_kron(Wd, param_budget=params_budget, macs_budget=macs_budget,
-                             cov=aa_cov, shapes=None if a_shape is None else [tuple(a_shape)])
-        factors = nearest_kronecker(Wd, choice.a_shape, choice.rank, cov=aa_cov,
-                                    permute=permute if method == "kron-aa" else None,
-                                    als_sweeps=als_sweeps)
-        module = KronLinear.from_factors(factors, bias, dtype=W.dtype, device=W.device)
+                             cov=fit_cov, shapes=None if a_shape is None else [tuple(a_shape)],
+                             permute=permute if fit_cov is not None else None,
+                             als_sweeps=als_sweeps, screen=screen, top_k=top_k, **fit_g)
+        factors = choice.factors
         a_sh, b_sh, rank = factors.a_shape, factors.b_shape, factors.rank
         info.update({k: v for k, v in factors.info.items() if isinstance(v, (int, float, str))})
+        info.update(choose_seconds=choice.seconds, candidates=len(choice.table),
+                    candidates_measured=sum(r["start_error"] is not None for r in choice.table),
+                    low_rank_shape=is_low_rank_shape((m, n), a_sh))
+        if info["low_rank_shape"]:
+            lr = _kron_to_low_rank(factors)
+            module = LowRankLinear.from_factors(lr, bias, dtype=W.dtype, device=W.device)
+        else:
+            module = KronLinear.from_factors(factors, bias, dtype=W.dtype, device=W.device)
     else:
         budget = params_budget if macs_budget is None else min(params_budget, macs_budget)
         rank = int(budget // (m + n))
@@ -174,36 +217,59 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
                 f"layer {name} ({m}x{n}): ratio {ratio} leaves less than one rank-1 term "
                 f"({m + n} parameters); use ratio >= {(m + n) / (m * n):.4f}")
         rank = min(rank, min(m, n))
-        factors = low_rank(Wd, rank, cov=aa_cov)
+        factors = low_rank(Wd, rank, cov=fit_cov, **fit_g)
         module = LowRankLinear.from_factors(factors, bias, dtype=W.dtype, device=W.device)
         a_sh = b_sh = None
+        info.update({k: v for k, v in factors.info.items() if isinstance(v, (int, float, str))})
     seconds = time.perf_counter() - t0
     w_err = float(relative_error(Wd, factors))
     o_err = None if C is None else float(relative_error(Wd, factors, cov=C))
+    f_err = None if C is None or G is None else float(relative_error(Wd, factors, cov=C, gcov=G))
     report = LayerReport(name=name, shape=(int(m), int(n)), method=method, rank=int(rank),
                          a_shape=a_sh, b_shape=b_sh, params=int(factors.num_params),
-                         dense_params=int(m * n), macs=int(factors.forward_macs),
+                         dense_params=int(m * n), macs=int(module.forward_macs),
                          dense_macs=int(m * n), weight_error=w_err, output_error=o_err,
-                         seconds=seconds, info=info)
+                         fisher_error=f_err, seconds=seconds, info=info)
     return module, report
 
 
+def _kron_to_low_rank(F: KronFactors) -> LowRankFactors:
+    """A Kronecker sum at a low-rank shape as ``U V``: (m, 1) kron (1, n) terms are
+    ``a_i b_i^T``, (1, n) kron (m, 1) terms ``b_i a_i^T``; the permutation moves into V."""
+    A = torch.as_tensor(F.A)
+    B = torch.as_tensor(F.B)
+    r = F.rank
+    if F.a_shape[1] == 1:            # A_i (m, 1), B_i (1, n)
+        U, V = A.reshape(r, -1).T, B.reshape(r, -1)
+    else:                            # A_i (1, n), B_i (m, 1)
+        U, V = B.reshape(r, -1).T, A.reshape(r, -1)
+    if F.perm is not None:           # W[:, perm] ~ U V  =>  W ~ U V[:, argsort(perm)]
+        V = V[:, torch.argsort(torch.as_tensor(F.perm))]
+    return LowRankFactors(U=U.contiguous(), V=V.contiguous(), info=dict(F.info))
+
+
 def compress(model, *, method: str, ratio: float, calibration=None, covariances=None,
-             layers=None, exclude=None, macs_ratio: float | None = None, permute=PERMUTE,
-             als_sweeps: int = ALS_SWEEPS, shape_policy: str = SHAPE_POLICY, in_place: bool = False,
-             device=None, progress: bool = True):
+             gcovariances=None, layers=None, exclude=None, macs_ratio: float | None = None,
+             permute=PERMUTE, als_sweeps: int = ALS_SWEEPS, shape_policy: str = SHAPE_POLICY,
+             screen: int | None = CHOOSER_SCREEN, top_k: int = CHOOSER_TOP_K,
+             in_place: bool = False, device=None, progress: bool = True):
     """Compress the linear layers of ``model``; return ``(compressed_model, report)``.
 
     Parameters
     ----------
     model : a transformers causal LM (or any ``nn.Module`` with Linear/Conv1D layers)
-    method : "kron" (Van Loan-Pitsianis), "kron-aa" (activation-aware, kronlab's),
-        "svd" (truncated SVD) or "svd-aa" (whitened low rank, as SVD-LLM).
+    method : one of :data:`METHODS`: "kron" (Van Loan-Pitsianis), "kron-aa"
+        (activation-aware, kronlab's), "kron-fisher" (loss-aware, K-FAC Fisher error),
+        "svd" (truncated SVD), "svd-aa" (whitened low rank, as SVD-LLM) or "svd-fisher"
+        (two-sided whitened low rank, as KFAC-SVD / GFWSVD).
     ratio : fraction of each compressed layer's parameters kept, in (0, 1].
     calibration : LongTensor (n_seq, seq_len) of token ids, used to measure
         each layer's input covariance ``C = X^T X / N``. Needed by the ``-aa``
         methods; with it, every method's report also gives the output error.
     covariances : dict name -> C, instead of ``calibration`` (reuse across runs).
+    gcovariances : dict name -> G (output-gradient covariances, m x m), with
+        ``covariances``, for the ``-fisher`` methods; with ``calibration`` they are
+        collected by :func:`kronlab.calibration.collect_statistics` from the same tokens.
     layers, exclude : name patterns (fnmatch) of the layers to compress; the
         default is every Linear/Conv1D inside the decoder blocks.
     macs_ratio : optional budget of forward multiply-adds per token, as a
@@ -211,7 +277,9 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         forbids Kronecker sums slower than the dense layer in FLOPs).
     permute : input-channel permutation for ``kron-aa`` (``"variance"`` sorts the
         channels by their variance, which makes C closer to Kronecker).
-    als_sweeps : ALS sweeps for ``kron-aa`` (default :data:`kronlab.defaults.ALS_SWEEPS`).
+    als_sweeps : ALS sweeps of the Kronecker fits (default :data:`kronlab.defaults.ALS_SWEEPS`).
+    screen, top_k : the shape chooser's screen size and ALS-refined finalists
+        (:func:`kronlab.choose_kron`).
     shape_policy : ``"per-layer"`` chooses the factor shape and rank of every layer
         from its own spectrum; ``"per-type"`` chooses them once per layer type (the
         name with the block index removed, e.g. ``mlp.down_proj``) on the first
@@ -226,15 +294,32 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     targets = find_linear_layers(model, include=layers, exclude=exclude)
     if not targets:
         raise ValueError(f"no linear layers match {layers!r}")
+    objective = objective_of(method)
+    stats_seconds = 0.0
     if covariances is None and calibration is not None:
-        from .calibration import collect_covariances
+        t_stats = time.perf_counter()
+        if objective == "fisher":
+            from .calibration import collect_statistics
 
-        covariances = collect_covariances(model, calibration, list(targets), progress=progress)
-    if method in _AA and covariances is None:
+            stats = collect_statistics(model, calibration, list(targets), gradients=True,
+                                       progress=progress)
+            covariances, gcovariances = stats.cov, stats.gcov
+        else:
+            from .calibration import collect_covariances
+
+            covariances = collect_covariances(model, calibration, list(targets), progress=progress)
+        stats_seconds = time.perf_counter() - t_stats
+    if objective != "weight" and covariances is None:
         raise ValueError(f"method {method!r} needs calibration tokens or covariances")
-    missing = [n for n in targets if covariances is not None and n not in covariances]
-    if method in _AA and missing:
-        raise ValueError(f"no covariance for layers {missing[:5]}...")
+    if objective == "fisher" and gcovariances is None:
+        raise ValueError(f"method {method!r} needs calibration tokens, or covariances and "
+                         "gcovariances (output-gradient covariances)")
+    for stat, what in ((covariances, "covariance"), (gcovariances, "gradient covariance")):
+        missing = [n for n in targets if stat is not None and n not in stat]
+        if stat is not None and missing and (objective == "fisher" or what == "covariance"
+                                             and objective == "output"):
+            raise ValueError(f"no {what} for layers {missing[:5]}; pass statistics for every "
+                             "layer that is compressed")
 
     def _count(mod):
         return sum(p.numel() for p in mod.parameters())
@@ -253,18 +338,21 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     for name in it:
         W, bias = linear_weight(out.get_submodule(name))
         cov = None if covariances is None else covariances.get(name)
+        gcov = None if gcovariances is None else gcovariances.get(name)
         key = (layer_type(name), tuple(W.shape))
         a_shape = chosen.get(key) if shape_policy == "per-type" else None
         module, rep = compress_layer(W, bias, method=method, ratio=ratio, macs_ratio=macs_ratio,
-                                     cov=cov, permute=permute, als_sweeps=als_sweeps,
-                                     a_shape=a_shape, device=device, name=name)
+                                     cov=cov, gcov=gcov, permute=permute, als_sweeps=als_sweeps,
+                                     a_shape=a_shape, screen=screen, top_k=top_k, device=device,
+                                     name=name)
         if rep.a_shape is not None:
             chosen.setdefault(key, rep.a_shape)
         set_submodule(out, name, module)
         reports.append(rep)
     config = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "permute": permute,
-              "als_sweeps": als_sweeps, "shape_policy": shape_policy, "layers": layers, "exclude": exclude,
-              "n_layers": len(names)}
+              "als_sweeps": als_sweeps, "shape_policy": shape_policy, "screen": screen,
+              "top_k": top_k, "layers": layers, "exclude": exclude, "n_layers": len(names),
+              "statistics_seconds": stats_seconds}
     report = CompressionReport(method=method, ratio=float(ratio), macs_ratio=macs_ratio,
                                layers=reports, model_params_before=params_before,
                                model_params_after=_count(out), config=config)

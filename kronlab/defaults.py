@@ -16,6 +16,8 @@ __all__ = [
     "CALIBRATION",
     "CALIB_TOKENS",
     "CG_MAX_ITER",
+    "CHOOSER_SCREEN",
+    "CHOOSER_TOP_K",
     "CG_TOL",
     "DAMPING",
     "DIRECT_SOLVER_MAX",
@@ -58,6 +60,11 @@ SEED = 0
 INIT = "best"
 #: Input-channel permutation of kron-aa: sort channels by decreasing variance.
 PERMUTE = "variance"
+#: Shape chooser (:func:`kronlab.choose_kron`): candidates kept after the cheap spectral
+#: screen (the low-rank extremes always stay), and how many of the best closed-form starts
+#: (measured under the full covariance) are refined by ALS.
+CHOOSER_SCREEN = 12
+CHOOSER_TOP_K = 3
 #: Factor shapes chosen once per layer type (the first block's layer) and reused.
 SHAPE_POLICY = "per-type"
 

@@ -248,7 +248,10 @@ def update_config_extra(directory, updates: dict) -> dict:
         text = json.dumps(manifest, indent=2)
     except TypeError as e:
         raise TypeError(f"updates must be JSON-serialisable: {e}") from None
-    write_atomic(Path(directory) / MANIFEST, text + "\n")
+    path = Path(directory) / MANIFEST
+    mode = path.stat().st_mode & 0o777
+    write_atomic(path, text + "\n")
+    os.chmod(path, mode)  # keep the save's modes (write_atomic makes 0644)
     return extra
 
 

@@ -3,16 +3,12 @@
 The book's chapters and the scripts read every recorded result through these functions;
 a missing or malformed file fails with an error that names the command that writes it.
 
-=========================== ================================================ =============================
-file                        written by                                       read with
-=========================== ================================================ =============================
-``llm_sweep.json``          ``scripts/run_llm_experiments.py``               :func:`load_sweep`,
-                                                                             :func:`sweep_frame`, ...
-``dense_smollm2.json``      ``scripts/record_dense.py``                      :func:`dense_reference`
-``bench_nkp.json``          ``benchmarks/bench_nkp.py``                      :func:`load_benchmark`
-``bench_layers.json``       ``benchmarks/bench_layers.py``                   :func:`load_benchmark`
-``bench_compress.json``     ``benchmarks/bench_compress.py``                 :func:`load_benchmark`
-=========================== ================================================ =============================
+- ``llm_sweep.json``, written by ``scripts/run_llm_experiments.py``: :func:`load_sweep`,
+  :func:`sweep_frame`, :func:`sweep_command`, :func:`sweep_prompt`,
+  :func:`error_ppl_correlation`;
+- ``dense_smollm2.json``, written by ``scripts/record_dense.py``: :func:`dense_reference`;
+- ``bench_nkp.json``, ``bench_layers.json``, ``bench_compress.json``, written by
+  ``benchmarks/<name>.py``: :func:`load_benchmark`.
 
 Every file holds its configuration (``config``) and a ``machine`` dict
 (:func:`kronlab.runtime.machine_info`: the command that wrote it, date, processor,

@@ -1,4 +1,6 @@
-"""Synthetic weights, input covariances and timing helpers for controlled experiments.
+"""Synthetic weights and input covariances for controlled experiments, and a power-law fit.
+
+Timing lives in :mod:`kronlab.runtime` (:func:`~kronlab.runtime.time_rounds`).
 
 Every generator takes a ``seed`` and returns float64 numpy arrays, so that a
 notebook that calls it with the same arguments gets the same numbers. The
@@ -7,8 +9,6 @@ covariance ``C = X^T X / N`` (n x n) of activations ``X`` (N x n).
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
@@ -21,7 +21,6 @@ __all__ = [
     "random_spd",
     "realistic_cov",
     "sample_activations",
-    "time_call",
 ]
 
 
@@ -136,22 +135,6 @@ def sample_activations(C, N: int, *, seed: int = 0):
     root = V * np.sqrt(np.clip(ev, 0.0, None))
     rng = np.random.default_rng(seed)
     return rng.standard_normal((int(N), C.shape[0])) @ root.T
-
-
-def time_call(fn, *, repeats: int = 3, warmup: int = 1) -> float:
-    """Best wall time in seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
-
-    The minimum is the least noisy estimate on a shared machine (other processes only
-    ever add time).
-    """
-    for _ in range(int(warmup)):
-        fn()
-    best = float("inf")
-    for _ in range(max(int(repeats), 1)):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def fit_power_law(sizes, times):

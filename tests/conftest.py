@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+# before torch loads: OpenMP threads spinning at barriers make every small op slow on a
+# shared 2-core machine (a tiny model's forward pass: 0.75 s spinning, 0.008 s passive)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -1,7 +1,4 @@
-"""kronlab.analysis: spectra, Kronecker-likeness of covariances, sweep tables."""
-
-import json
-import math
+"""kronlab.analysis: spectra and Kronecker-likeness of covariances."""
 
 import numpy as np
 import pytest
@@ -98,47 +95,3 @@ def test_names():
     assert layer_type("transformer.h.1.attn.c_proj") != layer_type("transformer.h.1.mlp.c_proj")
     assert block_index("model.layers.3.mlp.up_proj") == 3
     assert block_index("lm_head") is None and layer_type("lm_head") == "lm_head"
-
-
-def _fake_sweep():
-    def run(method, ratio, ew, ey, ppl, macs=None):
-        return {"method": method, "ratio": ratio, "macs_ratio": macs, "compress_seconds": 1.0,
-                "report": {"summary": {"model_params_kept": ratio, "layer_params_kept": ratio,
-                                       "macs_kept": ratio, "mean_weight_error": ew,
-                                       "mean_output_error": ey, "seconds": 1.0},
-                           "config": {}, "layers": []},
-                "ppl": {"sotu": {"perplexity": ppl}}, "sample": "x"}
-    return {"config": {}, "environment": {},
-            "dense": {"sotu": {"perplexity": 10.0}, "sample": "y", "parameters": 100},
-            "runs": [run("kron", 0.8, 0.3, 0.2, 12.0), run("kron-aa", 0.8, 0.4, 0.1, 11.0),
-                     run("kron", 0.6, 0.5, 0.4, 20.0), run("kron-aa", 0.6, 0.6, 0.3, 15.0),
-                     run("kron-aa", 0.6, 0.7, 0.35, 16.0, macs=0.6)]}
-
-
-def test_sweep_frame_and_correlation(tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(_fake_sweep()))
-    df = analysis.sweep_frame(analysis.load_sweep(path))
-    assert len(df) == 5 and set(df.method) == {"kron", "kron-aa"}
-    assert df.loc[df.ppl_sotu == 20.0, "dlogppl_sotu"].item() == pytest.approx(math.log(2.0))
-    assert df.macs_ratio.isna().sum() == 4
-    c = analysis.error_ppl_correlation(df, "sotu")
-    assert c["n"] == 5
-    # e_Y orders the runs exactly as the perplexity does; e_W does not
-    assert c["output"] == pytest.approx(1.0)
-    assert c["weight"] < c["output"]
-    with pytest.raises(KeyError, match="sotu"):
-        analysis.error_ppl_correlation(df, "austen")
-
-
-def test_load_sweep_missing_names_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run_llm_experiments.py"):
-        analysis.load_sweep(tmp_path / "none.json")
-
-
-def test_sweep_command_round_trips_config():
-    sweep = {"config": {"methods": ["kron", "svd"], "ratios": [0.6], "macs_matched": False,
-                        "model": None, "calib_tokens": 1024, "resume_x": True}}
-    cmd = analysis.sweep_command(sweep, "/tmp/x.json")
-    assert cmd == ("python scripts/run_llm_experiments.py --methods kron svd --ratios 0.6 "
-                   "--calib-tokens 1024 --resume-x --out /tmp/x.json")

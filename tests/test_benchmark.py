@@ -1,30 +1,59 @@
-"""The timing core shared by benchmarks/bench_layers.py and the speed chapter."""
+"""The benchmarks: kronlab.benchmark's timing core, and the structured JSON each
+benchmark script writes (run here on tiny sizes), read back with kronlab.results."""
 
+import importlib.util
+import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from kronlab import benchmark
+from kronlab import benchmark, results
 from kronlab.layers import KronLinear, LowRankLinear
+from kronlab.runtime import time_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+MACHINE_KEYS = {"command", "date_utc", "processor", "torch_threads", "omp_wait_policy", "torch",
+                "load_start", "load_end"}
 
 
-def test_time_rounds_interleaves_and_returns_medians():
+def _script(path: str):
+    """Import a benchmark or script file as a module (they are not a package)."""
+    path = ROOT / path
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _round_trip(result, tmp_path, name):
+    """Write a result as the script does and read it back through kronlab.results."""
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    back = results.load_benchmark(name, path)
+    assert back["rows"] == json.loads(json.dumps(result["rows"]))
+    return back
+
+
+def test_time_rounds_interleaves_the_functions():
+    """The benchmarks time with kronlab.runtime.time_rounds: warm-up and timed rounds call
+    the functions in turn, never one after itself, and one median comes back per function."""
     calls = []
     fns = [lambda i=i: calls.append(i) for i in range(3)]
-    t = benchmark.time_rounds(fns, repeats=4, warmup=2)
-    assert len(t) == 3 and all(v >= 0 for v in t)
-    # warm-up and timed rounds call the functions in turn, never one after itself
+    t = time_rounds(fns, repeats=4, warmup=2)
+    assert len(t) == 3
     assert calls == [0, 1, 2] * 6
 
 
 def test_time_rounds_rejects_zero_repeats():
     with pytest.raises(ValueError, match="repeats"):
-        benchmark.time_rounds([lambda: None], repeats=0)
+        time_rounds([lambda: None], repeats=0)
 
 
 @pytest.mark.parametrize("m,n,a_shape,rank", [(24, 36, (4, 6), 1), (48, 32, (6, 4), 3)])
@@ -49,9 +78,13 @@ def test_bench_case_rows_are_consistent(seed):
     rows = benchmark.bench_case(32, 48, (4, 6), 2, tokens=40, repeats=2, warmup=1, generator=g)
     kron, low = rows
     assert kron["layer"] == "kron" and low["layer"] == "lowrank"
+    assert (kron["m"], kron["n"], kron["a_shape"], kron["rank"]) == (32, 48, [4, 6], 2)
+    assert kron["order"] in ("a_first", "b_first") and low["order"] is None
+    assert kron["config"] == f"a=4x6 r=2 {kron['order']}"
     assert kron["params"] == 2 * (4 * 6 + 8 * 8)
     # equal-parameter low-rank layer: rank = round(kron params (with bias) / (m + n))
-    assert low["config"] == f"r={max(1, round((kron['params'] + 32) / 80))}"
+    assert low["rank"] == max(1, round((kron["params"] + 32) / 80))
+    assert low["config"] == f"r={low['rank']}" and low["params"] == low["rank"] * 80
     for r in rows:
         assert math.isclose(r["flop_ratio"], r["layer_macs"] / (32 * 48))
         assert math.isclose(r["speedup"], r["dense_ms"] / r["layer_ms"])
@@ -76,50 +109,90 @@ def test_run_benchmark_and_summary():
     assert s["meets_half"] == sum(r["realised"] >= 0.5 for r in kron)
 
 
-def test_parse_recorded_file_round_trips(tmp_path):
-    rows = benchmark.run_benchmark([(16, 24, (4, 4), [1])], tokens=20, repeats=1)
-    text = "\n".join(["title line", "", benchmark.HEADER,
-                      *(benchmark.format_row(r) for r in rows), "",
-                      "median realised fraction, Kronecker layers with FLOP ratio < 1: 0.50", "",
-                      *benchmark.machine_info(), "command: python x.py"])
-    path = tmp_path / "b.txt"
-    path.write_text(text + "\n")
-    parsed, meta = benchmark.parse_bench_file(path)
-    assert [r["layer"] for r in parsed] == ["kron", "lowrank"]
-    assert parsed[0]["config"] == rows[0]["config"]
-    assert math.isclose(parsed[1]["flop_ratio"], rows[1]["flop_ratio"], abs_tol=1e-3)
-    assert meta["header"] == ["title line"] and meta["command"] == "python x.py"
-    assert "torch" in meta["machine"] and "OMP_WAIT_POLICY" in meta["machine"]
+# ----------------------------------------------------------------------------- the scripts' JSON
+
+def test_bench_layers_writes_structured_rows(tmp_path):
+    mod = _script("benchmarks/bench_layers.py")
+    cases = [(16, 24, (4, 4), [1, 2]), (24, 16, (4, 2), [1])]
+    res = mod.measure(cases, tokens=20, repeats=1)
+    back = _round_trip(res, tmp_path, "bench_layers")
+    assert back["config"]["cases"] == [[16, 24, [4, 4], [1, 2]], [24, 16, [4, 2], [1]]]
+    assert back["config"]["tokens"] == 20 and back["config"]["threads"] == torch.get_num_threads()
+    rows = back["rows"]
+    assert [(r["m"], r["n"], r["layer"]) for r in rows] == (
+        [(16, 24, "kron"), (16, 24, "lowrank")] * 2 + [(24, 16, "kron"), (24, 16, "lowrank")])
+    assert [r["rank"] for r in rows if r["layer"] == "kron"] == [1, 2, 1]
+    assert rows[4]["a_shape"] == [4, 2] and rows[5]["a_shape"] is None
+    assert back["summary"] == json.loads(json.dumps(benchmark.summarize(res["rows"])))
+    assert MACHINE_KEYS <= set(back["machine"])
+    assert shlex.quote(sys.argv[0]) in back["machine"]["command"]  # the command that ran
+    text = mod.report(res)
+    assert benchmark.HEADER in text and all(benchmark.format_row(r) in text for r in rows)
 
 
-def test_parse_the_recorded_benchmark():
-    path = ROOT / "data" / "results" / "bench_layers.txt"
-    if not path.exists():
-        pytest.skip("no recorded benchmark")
-    rows, meta = benchmark.parse_bench_file(path)
-    assert {r["layer"] for r in rows} == {"kron", "lowrank"}
-    assert "processor" in meta["machine"]
+def test_bench_nkp_writes_structured_rows(tmp_path):
+    mod = _script("benchmarks/bench_nkp.py")
+    res = mod.measure(size=48, a_shape=(6, 8), ranks=(1, 3), scale=12, sweeps=2)
+    back = _round_trip(res, tmp_path, "bench_nkp")
+    rows = {p: [r for r in back["rows"] if r["part"] == p] for p in ("svd", "als", "layers")}
+    assert [r["rank"] for r in rows["svd"]] == [1, 3] == [r["rank"] for r in rows["als"]]
+    assert len(rows["layers"]) == len(mod.SMOL)
+    svd = back["parts"]["svd"]
+    for r in rows["svd"]:
+        assert (r["m"], r["n"], r["a_shape"]) == (48, 48, [6, 8])
+        assert r["speedup"] == pytest.approx(svd["exact_seconds"] / r["randomized_seconds"])
+        # the exact SVD is the optimum (Eckart-Young): the randomized one is never better
+        assert r["error_randomized"] >= r["error_exact"] - 1e-12
+        assert r["error_diff"] == pytest.approx(r["error_randomized"] - r["error_exact"])
+        assert r["target_met"] == (r["speedup"] >= 20 and abs(r["error_diff"]) <= 1e-3)
+    assert svd["target_met"] == all(r["target_met"] for r in rows["svd"])
+    for r in rows["als"]:
+        assert r["sweeps"] == 2 and r["start"] in ("plain", "kronecker")
+        # ALS starts from the better of the plain and Kronecker-covariance fits and descends
+        assert r["error_als"] <= r["error_plain"] * (1 + 1e-6)
+        assert r["target_met"] == (r["time_vs_randomized"] <= 5)
+    layers = back["parts"]["layers"]
+    assert layers["estimated_model_seconds"] == pytest.approx(
+        sum(r["n_layers"] * r["seconds"] for r in rows["layers"]))
+    assert sum(r["n_layers"] for r in rows["layers"]) == layers["model_layers"] == 210
+    for r in rows["layers"]:
+        m1, n1 = r["a_shape"]
+        per = m1 * n1 + (r["m"] // m1) * (r["n"] // n1)
+        assert r["params_fraction"] == pytest.approx(r["rank"] * per / (r["m"] * r["n"]))
+    assert back["config"]["als_sweeps"] == 2 and MACHINE_KEYS <= set(back["machine"])
 
 
-def test_parse_missing_file_names_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="bench_layers.py"):
-        benchmark.parse_bench_file(tmp_path / "nope.txt")
+def test_bench_compress_writes_structured_rows(tmp_path):
+    from tiny_model import tiny_llama
+
+    mod = _script("benchmarks/bench_compress.py")
+    model, tok = tiny_llama(seed=0)
+    seen = []
+    res = mod.measure(model, tok, methods=["kron-aa", "svd"], calib_text="some plain words " * 80,
+                      calib_tokens=64, seq_len=32, model_name="tiny-llama",
+                      on_method=lambda m, rows, t: seen.append(m))
+    back = _round_trip(res, tmp_path, "bench_compress")
+    assert seen == ["kron-aa", "svd"] == list(back["totals"])
+    assert back["n_layers"] == 14 and back["config"]["model"] == "tiny-llama"
+    for method, total in back["totals"].items():
+        rows = [r for r in back["rows"] if r["method"] == method]
+        assert {r["layer_type"] for r in rows} == {
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+        assert sum(r["n_layers"] for r in rows) == 14
+        assert sum(r["seconds"] for r in rows) <= total
+        for r in rows:
+            assert r["mean_seconds"] == pytest.approx(r["seconds"] / r["n_layers"])
+    s = back["summary"]
+    assert s["kron_aa_seconds"] == back["totals"]["kron-aa"]
+    assert s["time_ratios"] == {}  # neither svd-aa nor kron ran
+    assert s["target_met"] == (s["kron_aa_seconds"] < 600)
+    assert MACHINE_KEYS <= set(back["machine"])
+    assert "kron-aa" in mod.report(res) and "svd" in mod.report(res)
 
 
-def test_parse_compress_bench(tmp_path):
-    f = tmp_path / "bench_compress.txt"
-    f.write_text("kronlab benchmark: whole-model compression time, SmolLM2-135M\n"
-                 "210 layers; calibration 8192 SOTU tokens\n\n"
-                 "kron-aa  total   612.5 s  (q_proj 40.1 s (30, mean 1.34), down_proj 300.0 s (30, mean 10.00))\n"
-                 "svd-aa   total    20.0 s  (q_proj 2.0 s (30, mean 0.07))\n"
-                 "kron-aa / svd-aa time: 30.6x\n")
-    runs, other = benchmark.parse_compress_bench(f)
-    assert list(runs) == ["kron-aa", "svd-aa"]
-    assert runs["kron-aa"]["total"] == 612.5
-    assert runs["kron-aa"]["types"] == {"q_proj": (40.1, 30), "down_proj": (300.0, 30)}
-    assert other[-1] == "kron-aa / svd-aa time: 30.6x"
-    with pytest.raises(FileNotFoundError, match="bench_compress.py"):
-        benchmark.parse_compress_bench(tmp_path / "nope.txt")
-    f.write_text("nothing here\n")
-    with pytest.raises(ValueError, match="bench_compress.py"):
-        benchmark.parse_compress_bench(f)
+def test_bench_compress_rejects_unknown_method():
+    mod = _script("benchmarks/bench_compress.py")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--methods", "kron", "nope", "--threads", str(torch.get_num_threads())])
+    assert exc.value.code == 2

@@ -106,7 +106,7 @@ def test_in_place_modifies_the_model():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "tucker", "ratio": 0.5}, "valid methods: kron, kron-aa, svd, svd-aa"),
+    ({"method": "tucker", "ratio": 0.5}, "valid methods: kron, kron-aa, kron-fisher, svd, svd-aa, svd-fisher"),
     ({"method": "kron", "ratio": 0.0}, r"ratio must be in \(0, 1\]"),
     ({"method": "kron", "ratio": 1.5}, r"ratio must be in \(0, 1\]"),
     ({"method": "kron-aa", "ratio": 0.5}, "needs calibration"),

@@ -273,8 +273,7 @@ def test_update_config_extra(tmp_path):
     extra = update_config_extra(out, {"timings": {"save": 1.5}})
     assert extra == {"method": "kron", "timings": {"save": 1.5}}
     assert read_manifest(out)["config_extra"] == extra
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "kronlab.json",
-                                                     "model.safetensors"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
     with pytest.raises(TypeError, match="JSON"):
         update_config_extra(out, {"bad": object()})
     assert read_manifest(out)["config_extra"] == extra

@@ -101,3 +101,38 @@ def test_write_atomic_all_or_nothing(tmp_path, monkeypatch):
         write_atomic(target, "second\n")
     assert target.read_bytes() == b"\x00bytes"
     assert sorted(p.name for p in target.parent.iterdir()) == ["result.txt"]
+
+
+# The scripts and benchmarks that run torch; make_corpora.py and screenshots.py do not.
+TORCH_SCRIPTS = ["benchmarks/bench_nkp.py", "benchmarks/bench_layers.py",
+                 "benchmarks/bench_compress.py", "scripts/run_llm_experiments.py",
+                 "scripts/record_dense.py"]
+
+
+def test_scripts_set_threads_only_through_runtime():
+    """One thread and OpenMP set-up: kronlab.runtime.configure_threads(args.threads) in main,
+    and nothing else in a script or benchmark touches OMP_WAIT_POLICY or torch's threads."""
+    import ast
+
+    for rel in TORCH_SCRIPTS + ["scripts/make_corpora.py", "scripts/screenshots.py",
+                                "scripts/convert_bench_txt.py"]:
+        src = (ROOT / rel).read_text()
+        assert "OMP_WAIT_POLICY\"" not in src and "set_num_threads" not in src, rel
+    for rel in TORCH_SCRIPTS:
+        tree = ast.parse((ROOT / rel).read_text())
+        main = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "main")
+        calls = [ast.unparse(n) for n in ast.walk(main) if isinstance(n, ast.Call)]
+        assert "configure_threads(args.threads)" in calls, rel
+
+
+def test_importing_a_script_does_not_import_torch():
+    """configure_threads must run before torch is imported: the scripts import torch (and the
+    kronlab modules that need it) only inside main, after it."""
+    code = ("import importlib.util, sys\n"
+            "for path in sys.argv[1:]:\n"
+            "    spec = importlib.util.spec_from_file_location('m', path)\n"
+            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "    assert 'torch' not in sys.modules, path\n")
+    proc = subprocess.run([sys.executable, "-c", code, *(str(ROOT / p) for p in TORCH_SCRIPTS)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

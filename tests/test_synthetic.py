@@ -12,7 +12,6 @@ from kronlab.synthetic import (
     power_law_matrix,
     realistic_cov,
     sample_activations,
-    time_call,
 )
 
 
@@ -64,9 +63,8 @@ def test_sample_activations_second_moment(kron):
     assert np.allclose(X.T @ X / X.shape[0], Cd, atol=0.02 * np.abs(Cd).max())
 
 
-def test_fit_power_law_exact_and_time_call():
+def test_fit_power_law_exact():
     p, c = fit_power_law([8, 16, 32, 64], [2.0 * s ** 2.5 for s in (8, 16, 32, 64)])
     assert np.isclose(p, 2.5) and np.isclose(c, 2.0)
     with pytest.raises(ValueError):
         fit_power_law([4, 4], [1.0, 2.0])
-    assert time_call(lambda: None, repeats=2) >= 0.0
