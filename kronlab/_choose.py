@@ -90,7 +90,7 @@ def _spectrum_errors(Wt, shapes, ranks, C, G, damping):
     out = []
     roots_g: dict = {}
     whitened: dict = {}  # W (C1 kron C2)^{1/2} depends on n1 only: one per n1 (<= 21 here)
-    for (m1, n1), r in zip(shapes, ranks):
+    for (m1, n1), r in zip(shapes, ranks, strict=True):
         if n1 not in whitened:
             Wx = Wt
             if C is not None:
@@ -219,7 +219,7 @@ def choose_kron(W, *, param_budget, macs_budget=None, cov=None, gcov=None, shape
     if exact_screen or (screen is not None and len(table) > screen):
         preds = _spectrum_errors(Wt, [r["a_shape"] for r in table], [r["rank"] for r in table],
                                  C, G, damping)
-        for row, p in zip(table, preds):
+        for row, p in zip(table, preds, strict=True):
             row["predicted"] = p
 
     if C is None:  # plain: the spectrum errors are exact (Eckart-Young)

@@ -23,10 +23,11 @@ negative log-likelihoods and ``ell = L / N_pred`` the mean per-token loss (trans
     dL/dW = sum_t g_t x_t^T.
 
 K-FAC (Martens & Grosse, 2015; the "expand" form for weight sharing over positions of
-Eschenhagen et al., 2023) replaces the Hessian ``H`` by the empirical Fisher (the
-Gauss-Newton matrix when the observed tokens are distributed as the model predicts),
-treats every position as its own example and the inputs as independent of the output
-gradients:
+Eschenhagen et al., 2023) replaces the Hessian ``H`` by the empirical Fisher built from
+the observed tokens (an unbiased estimate of the Gauss-Newton matrix, and of the
+expected Hessian, when the tokens are drawn from the model's own predictions), treats
+every position as its own example (dropping the products of different positions'
+gradients) and the inputs as independent of the output gradients:
 
     H ~ sum_t (x_t x_t^T) kron (g_t g_t^T) ~ (1/N) (sum_t x_t x_t^T) kron (sum_t g_t g_t^T)
       = N (C kron G),
@@ -36,7 +37,8 @@ and ``vec(Delta)^T (C kron G) vec(Delta) = tr(G Delta C Delta^T)`` (column-major
 
     ell(W - E) - ell(W) ~ -<d ell/dW, E> + N / (2 N_pred) * tr(G E C E^T),
 
-where ``N / N_pred = T / (T - 1)`` (1.002 at ``T = 512``). The quadratic term is
+where ``N / N_pred = T / (T - 1)`` (1.002 at ``T = 512``; the last position of a
+sequence predicts nothing, so its ``g_t = 0``, but it counts in ``N`` like in ``C``). The quadratic term is
 :meth:`Statistics.kfac_loss_increase`; the first-order term, zero at a minimum of the
 calibration loss, is left out (it has either sign and cancels in
 ``(ell(W + E) + ell(W - E)) / 2 - ell(W)``). The relative Fisher error

@@ -34,10 +34,7 @@ from .defaults import (
 __all__ = ["add_commands", "text_name"]
 
 _LLM_MODULES = ("transformers", "safetensors", "tqdm")
-_SHAPE_POLICIES = ("per-type", "per-layer")
-_METHOD_NOTES = {"kron": "nearest Kronecker sum (Van Loan-Pitsianis)",
-                 "kron-aa": "activation-aware Kronecker sum (kronlab's)",
-                 "svd": "truncated SVD", "svd-aa": "whitened low rank (as SVD-LLM)"}
+
 _SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _EVAL_DTYPES = ("float32", "bfloat16", "float16", "saved")
 _MODEL_HELP = ("'smollm2' (the offline SmolLM2-135M-Instruct GGUF), a kronlab save, a local "
@@ -139,10 +136,10 @@ def _check_model(spec: str | None, prog: str) -> str:
             raise UsageError(f"--model {spec} has kronlab.json but no {WEIGHTS}: the save is "
                              "incomplete", prog)
         return "kronlab"
-    from .models import _resolve
+    from .models import resolve_model_spec
 
     try:
-        _, gguf_file, kind = _resolve(spec)
+        _, gguf_file, kind = resolve_model_spec(spec)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"--model: {exc} Or a kronlab save (a folder with kronlab.json).",
                          prog) from None
@@ -551,7 +548,7 @@ def _add_runtime(p) -> None:
 
 def add_commands(sub) -> None:
     """Add ``compress`` and ``evaluate`` to the ``kronlab`` subcommands."""
-    from .compress import METHODS
+    from .compress import METHOD_DESCRIPTIONS, METHODS, SHAPE_POLICIES
 
     corpora = ", ".join(_corpora()) or "none found"
     c = sub.add_parser(
@@ -560,8 +557,7 @@ def add_commands(sub) -> None:
                     "products within a parameter budget, and save the result. Every default "
                     "below is the value kronlab.defaults records for the book's runs.")
     c.add_argument("--method", required=True, choices=METHODS,
-                   help="; ".join(f"{m}: {_METHOD_NOTES.get(m, 'see kronlab.compress.compress')}"
-                                  for m in METHODS))
+                   help="; ".join(f"{m}: {METHOD_DESCRIPTIONS[m]}" for m in METHODS))
     c.add_argument("--ratio", required=True, type=_ratio,
                    help="fraction of each compressed layer's parameters kept, in (0, 1]")
     c.add_argument("--out", required=True, help="folder to save the compressed model in")
@@ -589,7 +585,7 @@ def add_commands(sub) -> None:
                    choices=("variance", "none"),
                    help="input-channel permutation of kron-aa: variance sorts the channels "
                         "by variance; none keeps their order")
-    c.add_argument("--shape-policy", default=SHAPE_POLICY, choices=_SHAPE_POLICIES,
+    c.add_argument("--shape-policy", default=SHAPE_POLICY, choices=SHAPE_POLICIES,
                    help="per-type: choose factor shape and rank once per layer type and reuse "
                         "them; per-layer: choose them for every layer")
     c.add_argument("--layers", action="append", metavar="PATTERNS",

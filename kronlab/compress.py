@@ -24,13 +24,24 @@ from .defaults import ALS_SWEEPS, CHOOSER_SCREEN, CHOOSER_TOP_K, PERMUTE, SHAPE_
 from .layers import KronLinear, LowRankLinear
 from .models import find_linear_layers, layer_type, linear_weight, set_submodule
 
-__all__ = ["METHODS", "CompressionReport", "LayerReport", "compress", "compress_layer", "objective_of"]
+__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "SHAPE_POLICIES", "CompressionReport", "LayerReport", "compress", "compress_layer", "objective_of"]
 
 #: kron / svd: weight error; -aa: output error on calibration activations (needs C);
 #: -fisher: K-FAC loss error (needs C and the output-gradient covariance G)
 METHODS = ("kron", "kron-aa", "kron-fisher", "svd", "svd-aa", "svd-fisher")
 _AA = {"kron-aa", "svd-aa"}
 _FISHER = {"kron-fisher", "svd-fisher"}
+#: one line per method, for help texts
+METHOD_DESCRIPTIONS = {
+    "kron": "Kronecker sum, weight error (Van Loan-Pitsianis)",
+    "kron-aa": "Kronecker sum, output error on calibration activations (kronlab's)",
+    "kron-fisher": "Kronecker sum, K-FAC Fisher (loss-aware) error",
+    "svd": "low rank, weight error (truncated SVD)",
+    "svd-aa": "low rank, output error (whitened, as SVD-LLM)",
+    "svd-fisher": "low rank, K-FAC Fisher error (two-sided whitening, as KFAC-SVD/GFWSVD)",
+}
+#: ``compress(shape_policy=...)``: choose shapes per layer, or once per layer type
+SHAPE_POLICIES = ("per-type", "per-layer")
 
 
 @dataclass
@@ -289,8 +300,8 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         input model is left untouched.
     """
     _check_args(method, ratio, macs_ratio)
-    if shape_policy not in ("per-layer", "per-type"):
-        raise ValueError(f"shape_policy must be 'per-layer' or 'per-type', got {shape_policy!r}")
+    if shape_policy not in SHAPE_POLICIES:
+        raise ValueError(f"shape_policy must be one of {SHAPE_POLICIES}, got {shape_policy!r}")
     targets = find_linear_layers(model, include=layers, exclude=exclude)
     if not targets:
         raise ValueError(f"no linear layers match {layers!r}")

@@ -44,6 +44,7 @@ __all__ = [
     "layer_type",
     "linear_weight",
     "load_model",
+    "resolve_model_spec",
     "model_info",
     "set_submodule",
 ]
@@ -75,7 +76,7 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | None, str]:
+def resolve_model_spec(spec: str | os.PathLike | None) -> tuple[str, str | None, str]:
     """(folder or hub id, gguf file name or None, kind) for a model spec."""
     if spec is None or str(spec).lower() == DEFAULT_MODEL:
         path = default_gguf_path()
@@ -120,7 +121,7 @@ def load_model(spec: str | os.PathLike | None = None, *, device: str | torch.dev
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf_file, kind = _resolve(spec)
+    folder, gguf_file, kind = resolve_model_spec(spec)
     kwargs: dict[str, Any] = {}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file

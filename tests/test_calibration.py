@@ -300,7 +300,8 @@ def test_kfac_exact_where_fisher_is_the_hessian(seed):
         assert stats.kfac_loss_increase("head", E) == pytest.approx(exact, rel=1e-10)
         # and it predicts the measured loss increase to second order
         for eps in (1e-2, 1e-3):
-            measured = float(loss_at(W0 - eps * E) - loss_at(W0))
+            with torch.no_grad():
+                measured = float(loss_at(W0 - eps * E) - loss_at(W0))
             pred = stats.kfac_loss_increase("head", eps * E)
             assert abs(measured - pred) <= 2 * eps * pred
     # not exact when the data are not balanced: a control that the test can fail
@@ -384,3 +385,20 @@ def test_kfac_predicts_loss_increase_of_small_perturbations(make, types_, one_th
     ratio = torch.tensor(measured) / torch.tensor(preds)
     assert 1 / 3 < float(ratio.median()) < 3
     assert _spearman(preds, measured) > 0.6
+
+
+@pytest.mark.cuda
+def test_statistics_on_cuda_match_cpu():
+    model, _ = tiny_llama(seed=5)
+    model.double()
+    tokens = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(5))
+    cpu = collect_statistics(model, tokens, progress=False)
+    gpu = collect_statistics(model, tokens, device="cuda", progress=False)
+    assert next(model.parameters()).is_cuda and all(p.grad is None for p in model.parameters())
+    for name in cpu.gcov:
+        assert gpu.gcov[name].is_cuda and gpu.cov[name].is_cuda
+        torch.testing.assert_close(gpu.gcov[name].cpu(), cpu.gcov[name], rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(gpu.cov[name].cpu(), cpu.cov[name], rtol=1e-9, atol=1e-14)
+    E = torch.randn(32, 64, dtype=torch.float64)
+    name = "model.layers.0.mlp.down_proj"
+    assert gpu.kfac_loss_increase(name, E) == pytest.approx(cpu.kfac_loss_increase(name, E), rel=1e-9)
