@@ -39,6 +39,7 @@ _LAZY = {
     "parse_permutation": "._nkp",
     "relative_error": "._nkp",
     "whiten_kron": "._nkp",
+    "whiten_kron_left": "._nkp",
     "divisors": "._rearrange",
     "factor_shapes": "._rearrange",
     "inverse_rearrange": "._rearrange",

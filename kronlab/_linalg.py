@@ -12,10 +12,14 @@ import numpy as np
 import torch
 
 __all__ = [
+    "GCOV_MAX_DAMPING",
     "check_cov",
     "check_finite",
     "damped_cholesky",
     "from_work",
+    "gcov_valid",
+    "is_pair",
+    "parse_gcov",
     "psd_sqrt_pair",
     "randomized_svd",
     "to_work",
@@ -86,6 +90,52 @@ def check_cov(C: torch.Tensor, n: int, name: str = "cov", rtol: float = 1e-6, *,
                          + (f"{name} must be {valid}" if valid else
                             "a covariance X^T X / N must be symmetric"))
     return 0.5 * (C + C.T)
+
+
+#: the largest relative ridge ``lam`` (times mean(diag G)) that damping may add to a dense
+#: gcov; a G that needs more is indefinite beyond rounding and is refused
+GCOV_MAX_DAMPING = 1e-2
+
+
+def gcov_valid(m, m1=None, m2=None) -> str:
+    pair = (f" or a pair (G1 ({m1}, {m1}), G2 ({m2}, {m2})) of symmetric PSD Kronecker factors"
+            if m1 is not None else " or a pair (G1, G2) of symmetric PSD Kronecker factors with "
+            f"G1.shape[0] * G2.shape[0] = {m}")
+    return (f"the ({m}, {m}) output-gradient covariance E[g g^T] (g = dLoss/d(layer output); "
+            f"symmetric PSD){pair}")
+
+
+def is_pair(x) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2 and \
+        len(getattr(x[0], "shape", np.shape(x[0]))) == 2
+
+
+def parse_gcov(gcov, m1, m2, device, m=None):
+    """``gcov``: a pair ``(G1 (m1, m1), G2 (m2, m2))`` or a dense G (m, m); -> (kind, G).
+
+    With ``m1 = None`` (no a_shape known) a pair of any factor sizes with
+    ``G1.shape[0] * G2.shape[0] = m`` is accepted. Checks shape, finiteness and symmetry.
+    """
+    m = m1 * m2 if m is None else m
+    valid = gcov_valid(m, m1, m2)
+    if gcov is None:
+        return None, None
+    if is_pair(gcov):
+        G1 = to_work(gcov[0], device, name="gcov[0]")
+        G2 = to_work(gcov[1], device, name="gcov[1]")
+        ok = G1.ndim == 2 and G2.ndim == 2 and (
+            (tuple(G1.shape), tuple(G2.shape)) == ((m1, m1), (m2, m2)) if m1 is not None
+            else G1.shape[0] == G1.shape[1] and G2.shape[0] == G2.shape[1]
+            and G1.shape[0] * G2.shape[0] == m)
+        if not ok:
+            raise ValueError(f"gcov=(G1, G2) has shapes {tuple(G1.shape)}, {tuple(G2.shape)}; "
+                             f"gcov must be {valid}")
+        return "kron", (check_cov(G1, G1.shape[0], "gcov[0]", valid=valid),
+                        check_cov(G2, G2.shape[0], "gcov[1]", valid=valid))
+    G = to_work(gcov, device, name="gcov")
+    if G.ndim != 2 or tuple(G.shape) != (m, m):
+        raise ValueError(f"gcov has shape {tuple(G.shape)}; gcov must be {valid}")
+    return "dense", check_cov(G, m, "gcov", valid=valid)
 
 
 def randomized_svd(M: torch.Tensor, k: int, *, n_oversamples: int = 10, n_power_iter: int = 4,

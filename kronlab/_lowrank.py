@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 
 from ._factors import LowRankFactors
-from ._linalg import check_cov, check_finite, damped_cholesky, from_work, to_work, truncated_svd
+from ._linalg import (
+    GCOV_MAX_DAMPING,
+    check_cov,
+    check_finite,
+    damped_cholesky,
+    from_work,
+    gcov_valid,
+    parse_gcov,
+    to_work,
+    truncated_svd,
+)
 
 __all__ = ["low_rank", "low_rank_rank_for_budget"]
 
@@ -26,10 +36,10 @@ def low_rank_rank_for_budget(m: int, n: int, param_budget: int) -> int:
     return min(r, min(m, n))
 
 
-def low_rank(W, rank: int, *, cov=None, method: str = "auto", damping: float = 1e-6,
-             n_oversamples: int = 10, n_power_iter: int = 4, seed: int = 0,
+def low_rank(W, rank: int, *, cov=None, gcov=None, method: str = "auto", damping: float = 1e-6,
+             gdamping: float = 1e-6, n_oversamples: int = 10, n_power_iter: int = 4, seed: int = 0,
              device=None) -> LowRankFactors:
-    r"""Best rank-``rank`` approximation ``W_hat = U V``, plain or activation-aware.
+    r"""Best rank-``rank`` approximation ``W_hat = U V``, plain, activation-aware or loss-aware.
 
     ``cov=None``: ``min ||W - U V||_F`` by truncated SVD (Eckart-Young); the squared error is
     the sum of the discarded squared singular values of W.
@@ -40,9 +50,20 @@ def low_rank(W, rank: int, *, cov=None, method: str = "auto", damping: float = 1
     ``||E C^{1/2}||_F = ||E L||_F`` the output error equals the discarded singular values of
     ``W L``. C is damped to ``C + lam * mean(diag C) * I`` (``info["damping"]``).
 
+    ``gcov = G`` (m x m, the covariance of the loss gradients w.r.t. the outputs; or a
+    Kronecker pair ``(G1, G2)``, formed densely): the loss-aware (K-FAC Fisher) objective
+    ``min tr(G E C E^T) = ||Lg^T E Lc||_F^2`` with ``G = Lg Lg^T``, ``C = Lc Lc^T`` (C = I
+    when cov is None), in closed form: ``Lg^T W Lc = P S Q^T``, ``U = Lg^{-T} P_r S_r^{1/2}``,
+    ``V = S_r^{1/2} Q_r^T Lc^{-1}`` (two triangular solves). Every rank-r ``U V`` is
+    ``Lg^{-T} (rank-r) Lc^{-1}``, so by Eckart-Young the error ``tr(G E C E^T)`` is exactly
+    the sum of the discarded ``sigma_i^2`` of ``Lg^T W Lc``. G is damped like C with
+    ``gdamping`` (``info["gdamping"]``; a G that needs more than
+    :data:`kronlab._linalg.GCOV_MAX_DAMPING` is refused); both dampings are reported.
+
     Shapes: W (m, n) -> U (m, rank), V (rank, n), each carrying ``sqrt(sigma)``.
     Cost: one SVD of an m x n matrix (randomized for large W and small rank), plus
-    O(n^3) for the Cholesky factor and O(m n^2) for ``W L``.
+    O(n^3) for the Cholesky factor and O(m n^2) for ``W L`` (with gcov also O(m^3) and
+    O(m^2 n)).
     """
     Wt = to_work(W, device, name="W")
     if Wt.ndim != 2:
@@ -54,7 +75,27 @@ def low_rank(W, rank: int, *, cov=None, method: str = "auto", damping: float = 1
     r = int(rank)
     kw = {"n_oversamples": n_oversamples, "n_power_iter": n_power_iter, "seed": seed}
     info: dict = {}
-    if cov is None:
+    if gcov is not None:
+        _, G = parse_gcov(gcov, None, None, Wt.device, m=m)
+        G = torch.kron(*G) if isinstance(G, tuple) else G
+        Lg, glam = damped_cholesky(G, gdamping, max_damping=max(GCOV_MAX_DAMPING, gdamping),
+                                   name="gcov", valid=gcov_valid(m))
+        M = Lg.T @ Wt
+        lam = None
+        if cov is not None:
+            C = check_cov(to_work(cov, Wt.device, name="cov"), n)
+            L, lam = damped_cholesky(C, damping)
+            M = M @ L
+        P, S, Qh, allS, used = truncated_svd(M, r, method, **kw)
+        sq = S.clamp(min=0).sqrt()
+        # U = Lg^{-T} P sqrt(S)  <=>  Lg^T U = P sqrt(S)
+        U = torch.linalg.solve_triangular(Lg.T, P * sq, upper=True)
+        V = sq[:, None] * Qh
+        if cov is not None:
+            V = torch.linalg.solve_triangular(L.T, V.T, upper=True).T
+        info.update(method=f"two-sided-whitened-{used}", objective="fisher", damping=lam,
+                    gdamping=glam)
+    elif cov is None:
         P, S, Qh, allS, used = truncated_svd(Wt, r, method, **kw)
         sq = S.clamp(min=0).sqrt()
         U, V = P * sq, sq[:, None] * Qh

@@ -20,10 +20,14 @@ import torch
 
 from ._factors import KronFactors, LowRankFactors
 from ._linalg import (
+    GCOV_MAX_DAMPING,
     check_cov,
     check_finite,
     damped_cholesky,
     from_work,
+    gcov_valid,
+    is_pair,
+    parse_gcov,
     psd_sqrt_pair,
     to_work,
     truncated_svd,
@@ -44,6 +48,7 @@ from .defaults import (
 
 __all__ = [
     "ALS_STARTS",
+    "GCOV_MAX_DAMPING",
     "als_refine",
     "damped_cov",
     "kronecker_factor_cov",
@@ -53,6 +58,7 @@ __all__ = [
     "parse_permutation",
     "relative_error",
     "whiten_kron",
+    "whiten_kron_left",
 ]
 
 
@@ -92,6 +98,15 @@ def _parse_cov(cov, n1, n2, device):
         raise ValueError(f"cov has shape {tuple(C.shape)}; expected the dense ({n}, {n}) input covariance "
                          f"or a pair of ({n1}, {n1}) and ({n2}, {n2}) Kronecker factors")
     return "dense", check_cov(C, n)
+
+
+def _damped_pair(pair, damping, name, valid):
+    """Damped Kronecker factors and their symmetric roots: ``((P1, P2), (S1, S2), (S1i, S2i), lam)``
+    with ``Pk = Sk^2`` the factor with eigenvalues raised by ``damping * mean(diag)``."""
+    S1, S1i, lam = psd_sqrt_pair(pair[0], damping, name=f"{name}[0]", valid=valid)
+    S2, S2i, _ = psd_sqrt_pair(pair[1], damping, name=f"{name}[1]", valid=valid)
+    P1, P2 = S1 @ S1, S2 @ S2
+    return (0.5 * (P1 + P1.T), 0.5 * (P2 + P2.T)), (S1, S2), (S1i, S2i), lam
 
 
 def parse_permutation(permute, n: int, C=None):
@@ -610,6 +625,31 @@ class _Problem2:
                 return torch.cholesky_solve(Z.transpose(1, 2), LC).transpose(1, 2)
 
             return apply
+        if kind == "none":
+            return lambda R: R
+        if kind in ("rows", "rows-global", "rows-noortho"):
+            Gaa = self.G.reshape(p1, p2, p1, p2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            Fh = F.reshape(r, -1)
+            Y = (Gaa[:, None] @ F[None]).reshape(p1, r, -1)          # G_aa F_l
+            K = Fh[None] @ Y.transpose(1, 2)                         # (p1, r, r)
+            if kind == "rows-global":
+                K = K.sum(0, keepdim=True).expand(p1, r, r)
+            if kind == "rows-noortho":
+                K = torch.eye(r, dtype=F.dtype).expand(p1, r, r)
+            Lk = _chol_damped(0.5 * (K + K.transpose(1, 2)))
+            eye = torch.eye(r, dtype=F.dtype, device=F.device).expand(p1, r, r)
+            T = torch.linalg.solve_triangular(Lk, eye, upper=False)   # T_a K_a T_a^T = I
+            Fp = (T @ Fh[None]).reshape(p1, r, p2, q2)
+            M = Fp.transpose(2, 3) @ Gaa[:, None] @ Fp                # (p1, r, q2, q2)
+            Cp = self.C.reshape(q1, q2, q1, q2).permute(0, 2, 1, 3).reshape(q1 * q1, q2 * q2)
+            Lc = _chol_damped((M.reshape(p1 * r, -1) @ Cp.T).reshape(p1, r, q1, q1))
+
+            def apply(R):                                             # R (r, p1, q1)
+                Ra = T @ R.transpose(0, 1)                            # (p1, r, q1)
+                Z = torch.cholesky_solve(Ra.unsqueeze(-1), Lc).squeeze(-1)
+                return (T.transpose(1, 2) @ Z).transpose(0, 1)
+
+            return apply
         if kind != "block":
             raise ValueError(f"preconditioner must be 'kron' or 'block', got {kind!r}")
         Mg = F @ C2 @ F.transpose(1, 2)                      # (r, p2, p2)
@@ -637,24 +677,26 @@ class _Problem2:
         H = self.rhs(F)
         X = X0.clone()
         R = H - self.gram_apply(X, F)
-        hn = max(float(H.norm()), 1e-300)
-        if float(R.norm()) <= rtol * hn:
-            return X, 0
         Pinv = self.preconditioner(F, precond)
         Z = Pinv(R)
         P = Z
         rz = float((R * Z).sum())
+        # stop on the preconditioned residual <R, P^{-1} R> relative to <H, P^{-1} H>: the plain
+        # residual norm of an ill-conditioned Gram stops CG long before f stops falling
+        hz = max(float((H * Pinv(H)).sum()), 1e-300)
         it = 0
         for it in range(1, max_iter + 1):
+            if rz <= rtol ** 2 * hz:
+                it -= 1
+                break
             GP = self.gram_apply(P, F)
             pgp = float((P * GP).sum())
             if not pgp > 0 or not rz > 0:
+                it -= 1
                 break
             alpha = rz / pgp
             X = X + alpha * P
             R = R - alpha * GP
-            if float(R.norm()) <= rtol * hn:
-                break
             Z = Pinv(R)
             rz_new = float((R * Z).sum())
             P = Z + (rz_new / rz) * P
@@ -745,6 +787,36 @@ def _kron_cov_fit(Wt, C1, C2, m1, n1, m2, n2, r, method, svd_kw, damping):
     return A @ S1i, B @ S2i, allS, ((err2 / tot) ** 0.5 if tot > 0 else 0.0), used, lam
 
 
+def _kron2_fit(Wt, Gpair, Cpair, m1, n1, m2, n2, r, method, svd_kw, damping, gdamping):
+    """Closed form under ``G = G1 kron G2`` and ``C = C1 kron C2`` (either may be None = I).
+
+    ``(S_G1 kron S_G2) W (S_C1 kron S_C2)`` (two-sided blockwise whitening), Van Loan-Pitsianis,
+    un-whitening of both sides. Returns ``(A, B, singular values, rel. error, used, lam, glam)``.
+    """
+    valid_g = gcov_valid(m1 * m2, m1, m2)
+    Wh = Wt
+    if Gpair is not None:
+        _, (T1, T2), (T1i, T2i), glam = _damped_pair(Gpair, gdamping, "gcov", valid_g)
+        Wh = whiten_kron_left(T1, T2, Wh)
+    else:
+        glam = None
+    if Cpair is not None:
+        S1, S1i, lam = psd_sqrt_pair(Cpair[0], damping)
+        S2, S2i, _ = psd_sqrt_pair(Cpair[1], damping)
+        Wh = whiten_kron(Wh, S1, S2)
+    else:
+        lam = None
+    U, S, Vh, allS, used = truncated_svd(rearrange(Wh, (m1, n1)), r, method, **svd_kw)
+    A, B = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
+    tot = float((Wh * Wh).sum())
+    err2 = max(tot - float((S[:r] ** 2).sum()), 0.0)
+    if Gpair is not None:
+        A, B = T1i @ A, T2i @ B
+    if Cpair is not None:
+        A, B = A @ S1i, B @ S2i
+    return A, B, allS, ((err2 / tot) ** 0.5 if tot > 0 else 0.0), used, lam, glam
+
+
 def nearest_kronecker_plain(W, a_shape, rank: int = 1, *, method: str = "auto",
                             n_oversamples: int = N_OVERSAMPLES, n_power_iter: int = N_POWER_ITER,
                             seed: int = SEED, device=None) -> KronFactors:
@@ -773,46 +845,75 @@ def nearest_kronecker_plain(W, a_shape, rank: int = 1, *, method: str = "auto",
     return _finish(A, B, sv, [], info, W, t0=t0)
 
 
-def nearest_kronecker_kron_cov(W, a_shape, rank: int, cov, *, method: str = "auto",
-                               damping: float = DAMPING, n_oversamples: int = N_OVERSAMPLES,
-                               n_power_iter: int = N_POWER_ITER, seed: int = SEED,
-                               device=None) -> KronFactors:
-    r"""Exact optimum of ``||(W - W_hat)(C1 kron C2)^{1/2}||_F`` for ``cov = (C1, C2)``.
+def nearest_kronecker_kron_cov(W, a_shape, rank: int, cov, *, gcov=None, method: str = "auto",
+                               damping: float = DAMPING, gdamping: float = DAMPING,
+                               n_oversamples: int = N_OVERSAMPLES, n_power_iter: int = N_POWER_ITER,
+                               seed: int = SEED, device=None) -> KronFactors:
+    r"""Exact optimum under Kronecker-factored weights, by whitening: no iterations.
 
-    With ``S_k = C_k^{1/2}``, ``(A kron B)(S1 kron S2) = (A S1) kron (B S2)``: the nearest
-    sum to the whitened ``W (S1 kron S2)`` (computed without the Kronecker product, by
-    :func:`whiten_kron`), un-whitened by ``A_i <- A_i S1^{-1}``, ``B_i <- B_i S2^{-1}``, is
-    the optimum, and its squared relative error is the discarded energy of
-    ``R(W (S1 kron S2))``. ``C1`` (n1, n1) and ``C2`` (n2, n2) are damped by
-    ``damping * mean(diag)`` (``info["damping"]``).
+    Objective, with ``cov = (C1, C2)`` and optionally ``gcov = (G1, G2)``::
+
+        min ||(W - W_hat)(C1 kron C2)^{1/2}||_F^2                           (gcov=None)
+        min tr(G E C E^T) = ||(G1 kron G2)^{1/2} E (C1 kron C2)^{1/2}||_F^2   (E = W - W_hat)
+
+    With ``S_k = C_k^{1/2}`` and ``T_k = G_k^{1/2}``, ``(T1 kron T2)(A kron B)(S1 kron S2)
+    = (T1 A S1) kron (T2 B S2)``: the nearest sum (Van Loan and Pitsianis) to the whitened
+    ``(T1 kron T2) W (S1 kron S2)`` (computed blockwise by :func:`whiten_kron_left` and
+    :func:`whiten_kron`, O(m n (m1 + m2 + n1 + n2)), no Kronecker product formed),
+    un-whitened by ``A_i <- T1^{-1} A_i S1^{-1}``, ``B_i <- T2^{-1} B_i S2^{-1}``, is the
+    optimum, and its squared relative error is the discarded energy of the whitened
+    ``R(.)``. ``cov`` may be None when ``gcov`` is given (C = I). Factors are damped by
+    ``damping * mean(diag)`` (``info["damping"]``) and ``gdamping * mean(diag)``
+    (``info["gdamping"]``). Cost: the whitening, eigendecompositions of the four factors
+    (O(m1^3 + m2^3 + n1^3 + n2^3)) and one truncated SVD of an (m1 n1, m2 n2) matrix.
+
+    Shapes: C1 (n1, n1), C2 (n2, n2), G1 (m1, m1), G2 (m2, m2) -> A (rank, m1, n1),
+    B (rank, m2, n2).
     """
     t0 = time.perf_counter()
     Wt = _check_weight(W, device)
     m1, n1, m2, n2 = check_a_shape(tuple(Wt.shape), a_shape)
     r = _check_rank(rank, m1, n1, m2, n2)
     kind, C = _parse_cov(cov, n1, n2, Wt.device)
-    if kind != "kron":
+    gkind, G = parse_gcov(gcov, m1, m2, Wt.device)
+    if gkind == "dense":
+        raise ValueError("nearest_kronecker_kron_cov needs gcov=(G1, G2), a pair of Kronecker "
+                         "factors (or None); use nearest_kronecker for a dense gcov")
+    if kind != "kron" and not (kind is None and gkind == "kron"):
         raise ValueError("nearest_kronecker_kron_cov needs cov=(C1, C2), a pair of Kronecker "
-                         "factors; use nearest_kronecker for a dense covariance")
-    A, B, sv, err, used, lam = _kron_cov_fit(Wt, C[0], C[1], m1, n1, m2, n2, r, method,
-                                             _svd_kw(n_oversamples, n_power_iter, seed), damping)
-    info = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": r, "method": f"whitened-{used}",
-            "damping": lam, "relative_error": err}
+                         "factors (cov=None only with gcov=(G1, G2)); use nearest_kronecker for "
+                         "a dense covariance")
+    svd_kw = _svd_kw(n_oversamples, n_power_iter, seed)
+    if gkind is None:
+        A, B, sv, err, used, lam = _kron_cov_fit(Wt, C[0], C[1], m1, n1, m2, n2, r, method,
+                                                 svd_kw, damping)
+        info = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": r, "method": f"whitened-{used}",
+                "damping": lam, "relative_error": err}
+        return _finish(A, B, sv, [], info, W, t0=t0)
+    A, B, sv, err, used, lam, glam = _kron2_fit(Wt, G, C, m1, n1, m2, n2, r, method, svd_kw,
+                                                damping, gdamping)
+    info = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": r,
+            "method": f"two-sided-whitened-{used}", "objective": "fisher", "damping": lam,
+            "gdamping": glam, "relative_error": err}
     return _finish(A, B, sv, [], info, W, t0=t0)
 
 
-def damped_cov(C, damping: float = DAMPING):
+def damped_cov(C, damping: float = DAMPING, *, name: str = "cov", max_damping: float | None = None):
     """``(C + lam * mean(diag C) * I, lam)`` with the smallest ``lam >= damping`` (raised tenfold)
-    that makes the Cholesky factorisation succeed: the covariance every fit actually uses."""
-    _, lam = damped_cholesky(C, damping)
+    that makes the Cholesky factorisation succeed: the covariance every fit actually uses.
+
+    With ``max_damping`` (as for a gcov: :data:`GCOV_MAX_DAMPING`) a matrix that needs more
+    is refused with a ValueError naming ``name``."""
+    valid = (gcov_valid(C.shape[0]) if name == "gcov" else "a covariance X^T X / N")
+    _, lam = damped_cholesky(C, damping, max_damping=max_damping, name=name, valid=valid)
     scale = float(torch.diagonal(C).mean())
     n = C.shape[0]
     return C + (lam * (scale if scale > 0 else 1.0)) * torch.eye(n, dtype=C.dtype, device=C.device), lam
 
 
-def als_refine(W, cov, init: KronFactors, *, als_sweeps: int = ALS_SWEEPS, tol: float = ALS_TOL,
-               solver: str = "auto", cg_max_iter: int = CG_MAX_ITER, cg_tol: float = CG_TOL,
-               device=None) -> KronFactors:
+def als_refine(W, cov, init: KronFactors, *, gcov=None, als_sweeps: int = ALS_SWEEPS,
+               tol: float = ALS_TOL, solver: str = "auto", cg_max_iter: int = CG_MAX_ITER,
+               cg_tol: float = CG_TOL, preconditioner: str = "auto", device=None) -> KronFactors:
     r"""Alternating least squares on ``f(A, B) = tr((W - W_hat) C (W - W_hat)^T)`` from ``init``.
 
     With ``B`` fixed, f is, for each of the m1 row indices ``a`` of A's blocks, a quadratic
@@ -832,6 +933,26 @@ def als_refine(W, cov, init: KronFactors, *, als_sweeps: int = ALS_SWEEPS, tol: 
     the column order of ``init`` (``init.perm`` is kept). Returns the refined
     :class:`KronFactors` (terms re-orthogonalised), ``history`` = f at the start and after
     each sweep, ``info["relative_error"] = sqrt(f / tr(W C W^T))``.
+
+    **Two-sided (loss-aware, K-FAC Fisher) objective**, ``gcov = G`` (m, m) or a pair
+    ``(G1, G2)`` (used densely here; ``cov=None`` means C = I)::
+
+        f(A, B) = tr(G E C E^T) = ||G^{1/2} E C^{1/2}||_F^2,   E = W - sum_i A_i kron B_i
+
+    With B fixed f is quadratic in A, but the m1 rows of A's blocks now couple through G:
+    one system of ``r m1 n1`` unknowns with the Gram operator ``X -> R(G W_hat(X) C) Bhat^T``
+    (``W_hat(X) = sum_i X_i kron B_i``) and right-hand side ``R(G W C) Bhat^T``.
+    ``solver="direct"`` forms the full Gram (size ``N = r m1 n1``; cost about
+    ``N^2 min(m1 n2, m2 n1)^2 / r`` to form, ``N^3 / 3`` to factor): the exact block
+    minimiser. ``solver="cg"`` runs at most ``cg_max_iter`` preconditioned CG steps from the
+    current iterate, each one product with the Gram operator (cost ``2 r m n + m^2 n + m n^2``,
+    no Kronecker product or Gram formed), so f never increases. ``preconditioner`` (CG only):
+    ``"kron"`` (the whole Gram under the nearest Kronecker factorisations of G and C, exact
+    when they are Kronecker, and at the low-rank shapes), ``"block"`` (per-term blocks), or
+    ``"auto"``; see :meth:`_Problem2.preconditioner`. ``"auto"`` solver: direct when
+    ``r * max(m1 n1, m2 n2) <= DIRECT_SOLVER_MAX``. ``gcov`` is used as given (no damping:
+    see :func:`damped_cov`); ``info["objective"] = "fisher"``, ``relative_error =
+    sqrt(f / tr(G W C W^T))``. With ``gcov=None`` this is exactly the one-sided ALS above.
     """
     t0 = time.perf_counter()
     Wt = _check_weight(W, device)
@@ -840,6 +961,10 @@ def als_refine(W, cov, init: KronFactors, *, als_sweeps: int = ALS_SWEEPS, tol: 
         raise ValueError(f"init must be a KronFactors, got {type(init).__name__}")
     if init.shape != (m, n):
         raise ValueError(f"init approximates a {init.shape} matrix, W is {(m, n)}")
+    if gcov is not None:
+        return _als_refine_fisher(Wt, cov, gcov, init, W, t0, max_iter=int(als_sweeps), tol=tol,
+                                  solver=solver, cg_max_iter=cg_max_iter, cg_tol=cg_tol,
+                                  precond=preconditioner)
     C = check_cov(to_work(cov, Wt.device, name="cov"), n)
     A = to_work(init.A, Wt.device, name="init.A")
     B = to_work(init.B, Wt.device, name="init.B")
@@ -855,12 +980,37 @@ def als_refine(W, cov, init: KronFactors, *, als_sweeps: int = ALS_SWEEPS, tol: 
     return _finish(A, B, sv, history, info, W, perm=None, t0=t0)
 
 
-def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, init=INIT, method: str = "auto",
-                      permute=None, als_sweeps: int = ALS_SWEEPS, tol: float = ALS_TOL,
-                      solver: str = "auto", cg_max_iter: int = CG_MAX_ITER, cg_tol: float = CG_TOL,
-                      damping: float = DAMPING, n_oversamples: int = N_OVERSAMPLES,
-                      n_power_iter: int = N_POWER_ITER, seed: int = SEED,
-                      device=None) -> KronFactors:
+def _als_refine_fisher(Wt, cov, gcov, init, like, t0, **kw):
+    """als_refine with a gcov: dense two-sided ALS (pairs are formed densely)."""
+    m, n = Wt.shape
+    (m1, n1), (m2, n2) = init.a_shape, init.b_shape
+    _, G = parse_gcov(gcov, m1, m2, Wt.device)
+    G = torch.kron(*G) if isinstance(G, tuple) else G
+    if cov is None:
+        C = torch.eye(n, dtype=Wt.dtype, device=Wt.device)
+    else:
+        kind, C = _parse_cov(cov, n1, n2, Wt.device)
+        C = torch.kron(*C) if kind == "kron" else C
+    A = to_work(init.A, Wt.device, name="init.A")
+    B = to_work(init.B, Wt.device, name="init.B")
+    obj = _FisherObjective(Wt, G, C)
+    A, B, history, als_info = _als2(Wt, G, C, A, B, obj=obj, **kw)
+    A, B, sv = _orthogonalize(A, B)
+    tot = obj.total
+    info = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": init.rank, "method": "als",
+            "objective": "fisher", "als": "two-sided",
+            "relative_error": (max(history[-1], 0.0) / tot) ** 0.5 if tot > 0 else 0.0,
+            "iterations": len(history) - 1, "als_seconds": time.perf_counter() - t0, **als_info}
+    return _finish(A, B, sv, history, info, like, perm=None, t0=t0)
+
+
+def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, gcov=None, init=INIT,
+                      method: str = "auto", permute=None, als_sweeps: int = ALS_SWEEPS,
+                      tol: float = ALS_TOL, solver: str = "auto", cg_max_iter: int = CG_MAX_ITER,
+                      cg_tol: float = CG_TOL, preconditioner: str = "auto",
+                      damping: float = DAMPING, gdamping: float = DAMPING,
+                      n_oversamples: int = N_OVERSAMPLES, n_power_iter: int = N_POWER_ITER,
+                      seed: int = SEED, device=None) -> KronFactors:
     r"""Nearest sum of ``rank`` Kronecker products to ``W``, plain or activation-aware.
 
     Objective::
@@ -879,20 +1029,42 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, init=INIT, method:
     ``C + damping * mean(diag C) * I`` (raised tenfold until Cholesky succeeds;
     ``info["damping"]``) and f is measured with the damped C.
 
+    Loss-aware (K-FAC Fisher) objective, ``gcov = G`` (m, m) the covariance of the loss
+    gradients w.r.t. the layer's outputs, or a pair ``(G1 (m1, m1), G2 (m2, m2))``::
+
+        min f(A, B) = tr(G E C E^T) = ||G^{1/2} E C^{1/2}||_F^2,   E = W - W_hat
+
+    (C = I when cov is None). Both weights Kronecker (gcov a pair, cov None or a pair): the
+    closed form of :func:`nearest_kronecker_kron_cov` (two-sided whitening). One weight
+    dense: ALS from ``init`` (same starts, with ``"kronecker"`` the closed form under
+    ``G ~ G1 kron G2`` via ``kronecker_factor_cov(G, m1)`` and ``C ~ C1 kron C2``; ``"best"``
+    the lower TRUE f). Where one side is Kronecker the problem is exactly a one-sided one
+    and is solved as such (``info["als"]``): gcov a pair and C dense -> the activation-aware
+    ALS on ``(T1 kron T2) W`` (``T_k = G_k^{1/2}``); G dense and cov None or a pair -> the
+    activation-aware ALS on ``(W (S1 kron S2))^T`` with G as its covariance (a_shape
+    ``(n1, m1)``). Both dense -> the two-sided ALS of :func:`als_refine` (``gcov=``).
+    ``permute`` acts on input channels (columns) only and needs a dense cov; G is untouched.
+    G is damped to ``G + lam * mean(diag G) * I`` with ``lam`` from ``gdamping`` upward
+    (``info["gdamping"]``; a G that needs more than :data:`GCOV_MAX_DAMPING` is refused);
+    pairs are damped factor by factor. f and ``relative_error = sqrt(f / tr(G W C W^T))``
+    are measured with the damped G and C.
+
     Parameters
     ----------
     W : array (m, n), numpy or torch (any device)
     a_shape : (m1, n1), dividing (m, n); ``b_shape = (m / m1, n / n1)``
     rank : int in [1, min(m1 n1, m2 n2)]
     cov : None, dense (n, n) covariance ``X^T X / N``, or a pair ``(C1 (n1, n1), C2 (n2, n2))``
+    gcov : None, dense (m, m) output-gradient covariance, or a pair ``(G1 (m1, m1), G2 (m2, m2))``
     init : "plain" | "kronecker" | "best" | KronFactors (dense cov only)
     method : "auto" | "exact" | "randomized" (the truncated SVDs)
     permute : None | "variance" | int array (n,)
         Input-channel permutation applied first (``W[:, perm]``, ``C[perm][:, perm]``);
         ``"variance"`` sorts channels by decreasing ``diag(C)``. Stored in ``perm``.
     als_sweeps, tol : ALS sweeps and relative-decrease stopping tolerance.
-    solver, cg_max_iter, cg_tol : ALS half-step solver (see :func:`als_refine`).
+    solver, cg_max_iter, cg_tol, preconditioner : ALS half-step solver (see :func:`als_refine`).
     damping : relative ridge on C (and on C1, C2).
+    gdamping : relative ridge on G (and on G1, G2).
     n_oversamples, n_power_iter, seed : randomized SVD settings.
     device : torch device to compute on (default: W's device; CPU for numpy).
 
@@ -921,7 +1093,16 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, init=INIT, method:
     kind, C = _parse_cov(cov, n1, n2, Wt.device)
     svd_kw = {"method": method, "n_oversamples": n_oversamples, "n_power_iter": n_power_iter,
               "seed": seed}
-    start = _check_init(init, kind, (m, n), (m1, n1), r)
+    gkind, G = parse_gcov(gcov, m1, m2, Wt.device)
+    start = _check_init(init, kind, (m, n), (m1, n1), r, gkind)
+    if gkind is not None:
+        F = _nearest_kronecker_fisher(
+            Wt, (m1, n1, m2, n2), r, kind, C, gkind, G, start, permute,
+            als_kw={"max_iter": int(als_sweeps), "tol": tol, "solver": solver,
+                    "cg_max_iter": cg_max_iter, "cg_tol": cg_tol},
+            precond=preconditioner, damping=damping, gdamping=gdamping, method=method,
+            svd_kw=_svd_kw(n_oversamples, n_power_iter, seed))
+        return _finish_from(F, W, t0)
     if kind is None:
         if permute is not None:
             raise ValueError("permute needs a dense cov (the plain objective does not depend on "
@@ -968,11 +1149,100 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, init=INIT, method:
     return _finish_from(out, W, t0)
 
 
-def _check_init(init, kind, shape, a_shape, r):
+def _nearest_kronecker_fisher(Wt, dims, r, kind, C, gkind, G, start, permute, *, als_kw, precond,
+                              damping, gdamping, method, svd_kw) -> KronFactors:
+    """nearest_kronecker with a gcov (see its docstring); returns work-tensor KronFactors."""
+    t0 = time.perf_counter()
+    m1, n1, m2, n2 = dims
+    m, n = Wt.shape
+    base = {"a_shape": (m1, n1), "b_shape": (m2, n2), "rank": r, "objective": "fisher"}
+    if gkind == "kron" and kind in (None, "kron"):
+        if permute is not None:
+            raise ValueError("permute needs a dense cov: with Kronecker-factored (or no) "
+                             "covariances the fit is a closed form (pass kron(C1, C2) densely "
+                             "to permute)")
+        return nearest_kronecker_kron_cov(Wt, (m1, n1), r, C, gcov=G, method=method,
+                                          damping=damping, gdamping=gdamping, **svd_kw)
+    if permute is not None and kind != "dense":
+        raise ValueError("permute needs a dense cov (it permutes the input channels, and "
+                         "permute='variance' sorts them by diag(C))")
+    valid_g = gcov_valid(m, m1, m2)
+    perm = None
+    if kind == "dense":
+        if isinstance(start, KronFactors) and start.perm is not None and permute is None:
+            permute = start.perm
+        perm = parse_permutation(permute, n, C)
+        if perm is not None:
+            perm = perm.to(Wt.device)
+            Wt = Wt[:, perm]
+            C = C[perm][:, perm]
+    # the weights every fit uses: damped, as dense matrices or Kronecker pairs
+    lam = glam = None
+    Croot = Groot = None
+    if kind == "dense":
+        Cd, lam = damped_cov(C, damping)
+    elif kind == "kron":
+        Cd, Croot, Croot_inv, lam = _damped_pair(C, damping, "cov", "a covariance")
+    else:
+        Cd = None
+    if gkind == "dense":
+        Gd, glam = damped_cov(G, gdamping, name="gcov", max_damping=max(GCOV_MAX_DAMPING, gdamping))
+    else:
+        Gd, Groot, Groot_inv, glam = _damped_pair(G, gdamping, "gcov", valid_g)
+    obj = _FisherObjective(Wt, Gd, Cd)
+    starts: dict = {}
+    if isinstance(start, KronFactors):
+        A0, B0 = to_work(start.A, Wt.device), to_work(start.B, Wt.device)
+        start_name = "given"
+    else:
+        cands = {}
+        if start in ("plain", "best"):
+            A, B, *_ = _plain_fit(Wt, m1, n1, m2, n2, r, method, svd_kw)
+            cands["plain"] = (A, B)
+        if start in ("kronecker", "best"):
+            Gp = Gd if gkind == "kron" else kronecker_factor_cov(Gd, m1, damping=gdamping)
+            Cp = Cd if kind != "dense" else kronecker_factor_cov(Cd, n1, damping=damping)
+            A, B, *_ = _kron2_fit(Wt, Gp, Cp, m1, n1, m2, n2, r, method, svd_kw, damping, gdamping)
+            cands["kronecker"] = (A, B)
+        starts = {k: obj(*ab) for k, ab in cands.items()}
+        start_name = min(starts, key=lambda k: (starts[k], k != "plain"))
+        A0, B0 = cands[start_name]
+    if gkind == "dense" and kind == "dense":
+        route = "two-sided"
+        A, B, history, als_info = _als2(Wt, Gd, Cd, A0, B0, obj=obj, precond=precond, **als_kw)
+    elif gkind == "kron":
+        # (T1 kron T2)(A kron B) = (T1 A) kron (T2 B): one-sided on the G-whitened W, exactly
+        route = "one-sided, G1 kron G2 whitened"
+        (T1, T2), (T1i, T2i) = Groot, Groot_inv
+        Wp = whiten_kron_left(T1, T2, Wt)
+        A, B, history, als_info = _als(Wp, Cd, T1 @ A0, T2 @ B0, obj=_Objective(Wp, Cd), **als_kw)
+        A, B = T1i @ A, T2i @ B
+    else:
+        # (A kron B)(S1 kron S2) = (A S1) kron (B S2) and E^T: one-sided with G as covariance
+        route = "one-sided, transposed" + (", C1 kron C2 whitened" if kind == "kron" else "")
+        Wp = Wt if Croot is None else whiten_kron(Wt, *Croot)
+        Ap, Bp = (A0, B0) if Croot is None else (A0 @ Croot[0], B0 @ Croot[1])
+        Wp = Wp.T.contiguous()
+        A, B, history, als_info = _als(Wp, Gd, Ap.transpose(1, 2).contiguous(),
+                                       Bp.transpose(1, 2).contiguous(), obj=_Objective(Wp, Gd),
+                                       **als_kw)
+        A, B = A.transpose(1, 2), B.transpose(1, 2)
+        if Croot is not None:
+            A, B = A @ Croot_inv[0], B @ Croot_inv[1]
+    A, B, sv = _orthogonalize(A.contiguous(), B.contiguous())
+    tot = obj.total
+    info = {**base, "method": "als", "als": route,
+            "relative_error": (max(history[-1], 0.0) / tot) ** 0.5 if tot > 0 else 0.0,
+            "iterations": len(history) - 1, "als_seconds": time.perf_counter() - t0, **als_info,
+            "start": start_name, "start_objectives": starts, "damping": lam, "gdamping": glam}
+    return KronFactors(A, B, perm, sv, [float(h) for h in history], info)
+
+
+def _check_init(init, kind, shape, a_shape, r, gkind=None):
     if isinstance(init, KronFactors):
-        if kind != "dense":
-            raise ValueError("init=KronFactors needs a dense cov (plain and Kronecker-covariance "
-                             "fits are closed forms with nothing to start)")
+        if kind != "dense" and gkind != "dense":
+            raise ValueError("init=KronFactors needs a dense cov or gcov (plain and Kronecker-"
+                             "covariance fits are closed forms with nothing to start)")
         if init.shape != tuple(shape) or init.a_shape != tuple(a_shape) or init.rank != r:
             raise ValueError(f"init has shape {init.shape}, a_shape {init.a_shape}, rank "
                              f"{init.rank}; expected {tuple(shape)}, {tuple(a_shape)}, {r}")
@@ -995,17 +1265,22 @@ def _finish_from(F: KronFactors, like, t0) -> KronFactors:
                        history=list(F.history), info=info)
 
 
-def relative_error(W, approx, cov=None):
-    r"""Relative (output) error of an approximation of ``W``.
+def relative_error(W, approx, cov=None, gcov=None):
+    r"""Relative (output, or loss-aware) error of an approximation of ``W``.
 
     ``cov=None``: ``||W - W_hat||_F / ||W||_F``; with ``cov = C`` (n x n):
     ``sqrt(tr(E C E^T) / tr(W C W^T))``, ``E = W - W_hat`` (the relative error of the layer's
-    outputs on inputs with second moment C). ``approx`` is a :class:`KronFactors`,
-    :class:`LowRankFactors` or a dense (m, n) array. For KronFactors the
-    dense W_hat is formed by one GEMM ``R^{-1}(Ahat^T Bhat)`` (cost r m n, the same as the
-    Gram-identity shortcut ``||W||^2 - 2<R(W), Ahat^T Bhat> + ||Ahat^T Bhat||^2``, which
-    would lose accuracy to cancellation below ~1e-8); with cov add m n^2 for ``E C``.
-    Computed in float64; returns a Python float.
+    outputs on inputs with second moment C); with ``gcov = G`` (m x m, the covariance of the
+    loss gradients w.r.t. the outputs): ``sqrt(tr(G E C E^T) / tr(G W C W^T))`` (the K-FAC
+    Fisher estimate of the loss increase, relative; C = I when cov is None). ``cov`` and
+    ``gcov`` may also be Kronecker pairs ``(C1, C2)``, ``(G1, G2)`` (applied blockwise,
+    :func:`whiten_kron`, :func:`whiten_kron_left`). No damping: the weights are used as given.
+    ``approx`` is a :class:`KronFactors`, :class:`LowRankFactors` or a dense (m, n) array.
+    For KronFactors the dense W_hat is formed by one GEMM ``R^{-1}(Ahat^T Bhat)`` (cost
+    r m n, the same as the Gram-identity shortcut ``||W||^2 - 2<R(W), Ahat^T Bhat> +
+    ||Ahat^T Bhat||^2``, which would lose accuracy to cancellation below ~1e-8); with cov
+    add m n^2 for ``E C``, with gcov m^2 n for ``G E``. Computed in float64; returns a
+    Python float.
     """
     Wt = _check_weight(W)
     m, n = Wt.shape
@@ -1025,9 +1300,21 @@ def relative_error(W, approx, cov=None):
     if tuple(Wh.shape) != (m, n):
         raise ValueError(f"approx has shape {tuple(Wh.shape)}, W has {(m, n)}")
     E = Wt - Wh
-    if cov is None:
+    if cov is None and gcov is None:
         tot = float((Wt * Wt).sum())
         return float((E * E).sum()) ** 0.5 / tot ** 0.5 if tot > 0 else 0.0
-    C = check_cov(to_work(cov, Wt.device, name="cov"), n)
-    tot = float(((Wt @ C) * Wt).sum())
-    return max(float(((E @ C) * E).sum()), 0.0) ** 0.5 / tot ** 0.5 if tot > 0 else 0.0
+    if cov is None:
+        C = None
+    elif is_pair(cov):
+        C1 = to_work(cov[0], Wt.device, name="cov[0]")
+        C2 = to_work(cov[1], Wt.device, name="cov[1]")
+        if C1.ndim != 2 or C2.ndim != 2 or C1.shape[0] * C2.shape[0] != n:
+            raise ValueError(f"cov=(C1, C2) has shapes {tuple(C1.shape)}, {tuple(C2.shape)}; "
+                             f"expected square factors with C1.shape[0] * C2.shape[0] = {n}")
+        C = (check_cov(C1, C1.shape[0], "cov[0]"), check_cov(C2, C2.shape[0], "cov[1]"))
+    else:
+        C = check_cov(to_work(cov, Wt.device, name="cov"), n)
+    G = None if gcov is None else parse_gcov(gcov, None, None, Wt.device, m=m)[1]
+    tot = float((_right(_left(G, Wt), C) * Wt).sum())
+    f = float((_right(_left(G, E), C) * E).sum())
+    return max(f, 0.0) ** 0.5 / tot ** 0.5 if tot > 0 else 0.0

@@ -296,7 +296,7 @@ def _source_dtype(spec, kind: str, model) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- compress
 
-def _compress_settings(args) -> dict:
+def compress_settings(args) -> dict:
     """Check every argument of ``kronlab compress``; return the settings in use."""
     prog = "kronlab compress"
     _require_llm(prog)
@@ -348,7 +348,7 @@ def _settings_line(s: dict) -> str:
 
 
 def _cmd_compress(args) -> int:
-    settings = _compress_settings(args)
+    settings = compress_settings(args)
     print(_settings_line(settings), flush=True)
     _threads(args.threads)
 

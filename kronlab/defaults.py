@@ -23,6 +23,22 @@ __all__ = [
     "DIRECT_SOLVER_MAX",
     "EVAL_TEXTS",
     "EVAL_TOKENS",
+    "HEAL_BATCH_SIZE",
+    "HEAL_CACHE_TOP_K",
+    "HEAL_EVAL_EVERY",
+    "HEAL_GRAD_ACCUM",
+    "HEAL_KL_WEIGHT",
+    "HEAL_LR",
+    "HEAL_MAX_GRAD_NORM",
+    "HEAL_NLL_WEIGHT",
+    "HEAL_OVERLAP_NGRAM",
+    "HEAL_SEQ_LEN",
+    "HEAL_TEMPERATURE",
+    "HEAL_TEXTS",
+    "HEAL_TOKENS",
+    "HEAL_TRAIN",
+    "HEAL_WARMUP",
+    "HEAL_WEIGHT_DECAY",
     "INIT",
     "N_OVERSAMPLES",
     "N_POWER_ITER",
@@ -80,3 +96,38 @@ EVAL_TOKENS = 8192
 WINDOW = 1024
 #: CPU threads used by scripts and benchmarks (the machines have 2 cores).
 THREADS = 2
+
+# ----------------------------------------------------------------------------- healing
+
+#: Training text of :func:`kronlab.heal.heal`: the *calibration* parts of these stored
+#: corpora (``split_corpus(name)[0]``), joined; their held-out parts are never trained on.
+HEAL_TEXTS = ("sotu", "austen", "brown")
+#: Training tokens (the budget), tokens per sequence, sequences per micro-batch and
+#: micro-batches per optimizer step (so HEAL_SEQ_LEN * HEAL_BATCH_SIZE * HEAL_GRAD_ACCUM
+#: tokens a step). Sized for SmolLM2-135M on 2 CPU cores: a training step of a ratio-0.8
+#: student (teacher forward, student forward and backward) ran at ~TODO tokens/s, so the
+#: default budget takes about TODO minutes there.
+HEAL_TOKENS = 65536
+HEAL_SEQ_LEN = 256
+HEAL_BATCH_SIZE = 4
+HEAL_GRAD_ACCUM = 1
+#: AdamW: peak learning rate, the fraction of the steps spent in linear warm-up (then a
+#: cosine decay to zero), weight decay of the factors (norms and biases get none), and the
+#: gradient-norm clip (None: no clipping).
+HEAL_LR = 1e-4
+HEAL_WARMUP = 0.05
+HEAL_WEIGHT_DECAY = 0.0
+HEAL_MAX_GRAD_NORM = 1.0
+#: Loss = HEAL_KL_WEIGHT * T^2 KL(teacher || student) at temperature T + HEAL_NLL_WEIGHT * NLL.
+HEAL_KL_WEIGHT = 1.0
+HEAL_NLL_WEIGHT = 0.0
+HEAL_TEMPERATURE = 1.0
+#: What is trained: "factors" (KronLinear A, B; LowRankLinear U, V) or
+#: "factors+norms+biases".
+HEAL_TRAIN = "factors"
+#: Held-out perplexity every this many training tokens (0: before and after only).
+HEAL_EVAL_EVERY = 16384
+#: Teacher tokens kept per position when the teacher is cached on disk (top-k log-probs).
+HEAL_CACHE_TOP_K = 64
+#: The training tokens may share no run of this many tokens with the evaluated tokens.
+HEAL_OVERLAP_NGRAM = 64

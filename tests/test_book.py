@@ -129,18 +129,27 @@ def test_glue_references_are_parsed():
     assert glue_references(text) == {"x_1", "y", "z", "fig_key"}
 
 
-def test_notebook_glue_plain_numbers():
+def test_notebook_glue_gives_plain_numbers(monkeypatch):
+    """numpy and torch scalars reach myst_nb.glue as Python numbers; other values unchanged."""
+    import myst_nb
     import numpy as np
     import torch
 
-    from kronlab.notebook import _plain
+    from kronlab.notebook import glue
 
-    assert type(_plain(np.float64(0.5))) is float and _plain(np.float64(0.5)) == 0.5
-    assert type(_plain(np.int64(3))) is int
-    assert type(_plain(np.array(2.0))) is float
-    assert type(_plain(torch.tensor(1.5))) is float
+    seen = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: seen.update(
+        {name: (value, display)}))
     arr = np.arange(3)
-    assert _plain(arr) is arr and _plain("text") == "text"
+    for name, value in [("f", np.float64(0.5)), ("i", np.int64(3)), ("a0", np.array(2.0)),
+                        ("t", torch.tensor(1.5)), ("arr", arr), ("s", "text")]:
+        glue(name, value)
+    assert seen["f"] == (0.5, False) and type(seen["f"][0]) is float
+    assert type(seen["i"][0]) is int and type(seen["a0"][0]) is float
+    assert type(seen["t"][0]) is float and seen["t"][0] == 1.5
+    assert seen["arr"][0] is arr and seen["s"][0] == "text"
+    glue("shown", 1, display=True)
+    assert seen["shown"] == (1, True)
 
 
 def test_notebook_glue_rejects_bad_names():

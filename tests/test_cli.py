@@ -272,16 +272,16 @@ def test_help_shows_the_defaults(capsys):
 
 
 def test_permute_none_is_accepted_and_means_none(tiny_dir, tmp_path):
-    from kronlab.cli_llm import _compress_settings
+    from kronlab.cli_llm import compress_settings
 
     parser = build_parser()
     base = ["compress", "--model", str(tiny_dir), "--method", "kron-aa", "--ratio", "0.5",
             "--out", str(tmp_path / "o")]
-    assert _compress_settings(parser.parse_args(base + ["--permute", "none"]))["permute"] is None
-    s = _compress_settings(parser.parse_args(base))
+    assert compress_settings(parser.parse_args(base + ["--permute", "none"]))["permute"] is None
+    s = compress_settings(parser.parse_args(base))
     assert s["permute"] == defaults.PERMUTE and s["als_sweeps"] == defaults.ALS_SWEEPS
     assert s["calib_tokens"] == defaults.CALIB_TOKENS and s["model_kind"] == "local"
-    s = _compress_settings(parser.parse_args(base + ["--layers", "*.mlp.*,*.q_proj",
+    s = compress_settings(parser.parse_args(base + ["--layers", "*.mlp.*,*.q_proj",
                                                      "--layers", "re:layers\\.(0|1)\\.",
                                                      "--calib-tokens", "1000",
                                                      "--seq-len", "300"]))

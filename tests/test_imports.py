@@ -16,7 +16,7 @@ PRIVATE_IMPORT = re.compile(
     r"|import\s+kronlab\._\w+"
     r"|from\s+\.+\w*\s+import\s+[^\n]*\b_[a-z]\w*"  # a private name from a sibling module
     r"|from\s+kronlab(\.\w+)*\s+import\s+[^\n]*\b_[a-z]\w*"
-    r"|kronlab(\.\w+)*\._[a-z]\w*")
+    r"|(?<![`~])kronlab(\.\w+)*\._[a-z]\w*")  # (a `reference` in a docstring is no import)
 
 #: deliberate exceptions, each with its reason
 ALLOWED = {

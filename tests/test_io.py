@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kronlab import io as kio
-from kronlab._factors import KronFactors, LowRankFactors
+from kronlab import KronFactors, LowRankFactors
 from kronlab.io import load_compressed, read_manifest, save_compressed, update_config_extra
 from kronlab.layers import KronLinear, LowRankLinear
 from kronlab.models import set_submodule
