@@ -126,9 +126,11 @@ def choose_kron(W, *, param_budget, macs_budget=None, cov=None, gcov=None, shape
     2. **Screening** (only when there are more than ``screen`` candidates): Eckart-Young
        errors of the whitened ``R(W)`` under the nearest Kronecker factorisations
        ``C ~ C1 kron C2`` (and ``G ~ G1 kron G2``), one Gram eigendecomposition per shape.
-       This is exact for ``cov=None`` and for Kronecker-structured C and G, and only a
-       screen otherwise: the ``screen`` best shapes by it, plus the low-rank extremes,
-       go on. ``screen=None`` keeps every candidate.
+       This is exact for ``cov=None``, for Kronecker-structured C and G, and for the
+       shapes where a factor of the covariance is a scalar (``n1 = 1`` or ``n1 = n``, and
+       ``m1 = 1`` or ``m1 = m`` for G), and optimistic otherwise: the ``screen`` best
+       shapes of each group (exact, optimistic), plus the low-rank extremes, go on.
+       ``screen=None`` keeps every candidate.
     3. **Ranking by the true objective**: each remaining shape's closed-form start (the
        better of the plain and the Kronecker-whitened closed forms, as
        ``nearest_kronecker(init="best")`` chooses) is measured under the FULL C (and G),
@@ -230,8 +232,18 @@ def choose_kron(W, *, param_budget, macs_budget=None, cov=None, gcov=None, shape
         return _choice(best, F, err, "plain", table, W, None, t0)
 
     if screen is not None and len(table) > screen:
-        ranked = sorted(table, key=lambda r: (r["predicted"], r["params"]))
-        keep = {id(r) for r in ranked[:screen]}
+        # Where one factor of the covariance is a scalar (n1 = 1 or n1 = n; for G, m1 = 1 or
+        # m1 = m as well), C1 kron C2 = C exactly, so the screening error IS the measured error
+        # of the closed-form start: those shapes are ranked exactly and their best `screen`
+        # go on; the other shapes' errors are optimistic, so their best `screen` go on too.
+        def exact(r):
+            m1, n1 = r["a_shape"]
+            return n1 in (1, n) and (G is None or m1 in (1, m))
+
+        keep = set()
+        for group in ([r for r in table if exact(r)], [r for r in table if not exact(r)]):
+            ranked = sorted(group, key=lambda r: (r["predicted"], r["params"]))
+            keep |= {id(r) for r in ranked[:screen]}
         keep |= {id(r) for r in table if is_low_rank_shape((m, n), r["a_shape"])}
         kept = [r for r in table if id(r) in keep]
     else:

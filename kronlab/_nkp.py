@@ -1,10 +1,15 @@
-"""Nearest sums of Kronecker products, plain and activation-aware.
+"""Nearest sums of Kronecker products: plain, activation-aware and loss-aware.
 
 Notation (the book's): ``W`` is m x n with m = m1*m2, n = n1*n2 and
 ``W_hat = sum_i A_i kron B_i`` with ``A_i`` m1 x n1, ``B_i`` m2 x n2. ``C`` is the
 layer's input covariance (n x n); the activation-aware objective is the output error
 
     f(A, B) = ||(W - W_hat) C^{1/2}||_F^2 = tr((W - W_hat) C (W - W_hat)^T).
+
+The loss-aware (K-FAC Fisher) objective adds ``G`` (m x m), the covariance of the loss
+gradients w.r.t. the layer's outputs:
+
+    f(A, B) = tr(G (W - W_hat) C (W - W_hat)^T) = ||G^{1/2} (W - W_hat) C^{1/2}||_F^2.
 
 ``R(W)`` is the Van Loan-Pitsianis rearrangement (:func:`kronlab.rearrange`), with
 ``R(W_hat) = Ahat^T Bhat`` where ``Ahat`` (r, m1 n1) and ``Bhat`` (r, m2 n2) hold the
@@ -474,25 +479,32 @@ class _FisherObjective:
 
 
 def _chol_damped(M):
-    """Batched lower Cholesky factors of SPD-ish blocks M (..., k, k), each raised by
-    1e-10 of its mean diagonal (a zero block by 1e-12 of the largest); a block that still
-    fails is rebuilt from its eigendecomposition with clamped eigenvalues."""
-    M = M.clone()
-    diag = torch.diagonal(M, dim1=-2, dim2=-1)
-    scale = diag.mean(dim=-1)
-    top = float(scale.max()) if scale.numel() else 1.0
-    scale = scale.clamp(min=max(1e-12 * top, 1e-300))
-    diag.add_((1e-10 * scale)[..., None])
+    """Batched lower Cholesky factors of the SPD-ish blocks M (..., k, k).
+
+    A block that is not numerically positive definite (a zero term, a rank-deficient
+    weight) is raised by 1e-10 of its mean diagonal (a zero block by 1e-12 of the largest
+    mean diagonal), and one that still fails is rebuilt from its eigendecomposition with
+    clamped eigenvalues: any SPD preconditioner keeps CG exact and monotone.
+    """
     L, info = torch.linalg.cholesky_ex(M)
     bad = torch.nonzero(info.reshape(-1)).flatten()
-    if bad.numel():
-        Mb = M.reshape(-1, *M.shape[-2:])[bad]
-        ev, V = torch.linalg.eigh(Mb)
-        ev = ev.clamp(min=1e-10 * max(top, 1e-300))
-        Lf = L.reshape(-1, *M.shape[-2:])
-        Lf[bad] = torch.linalg.cholesky((V * ev[:, None, :]) @ V.transpose(-1, -2))
-        L = Lf.reshape(M.shape)
-    return L
+    if not bad.numel():
+        return L
+    k = M.shape[-1]
+    Mf = M.reshape(-1, k, k)
+    Lf = L.reshape(-1, k, k)
+    scale = torch.diagonal(Mf, dim1=-2, dim2=-1).mean(dim=-1)
+    top = max(float(scale.max()), 1e-300)
+    Mb = Mf[bad] + (1e-10 * scale[bad].clamp(min=1e-12 * top))[:, None, None] * \
+        torch.eye(k, dtype=M.dtype, device=M.device)
+    Lb, info_b = torch.linalg.cholesky_ex(Mb)
+    still = torch.nonzero(info_b).flatten()
+    if still.numel():
+        ev, V = torch.linalg.eigh(Mb[still])
+        ev = ev.clamp(min=1e-10 * top)
+        Lb[still] = torch.linalg.cholesky((V * ev[:, None, :]) @ V.transpose(-1, -2))
+    Lf[bad] = Lb
+    return Lf.reshape(M.shape)
 
 
 class _Problem2:
@@ -574,25 +586,74 @@ class _Problem2:
                 else torch.linalg.pinv(M, hermitian=True) @ H
         return x.reshape(r, self.p1, self.q1), 0
 
-    def preconditioner(self, F, kind="kron"):
+    def preconditioner(self, F, kind):
         """An SPD approximation of the Gram's inverse, as a function R (r, p1, q1) -> Z.
 
-        ``kind="kron"``: the whole Gram under ``G ~ G1 kron G2``, ``C ~ C1 kron C2``, which is
-        ``K kron G1 kron C1`` with the r x r term coupling ``K[i, l] = tr(G2 F_l C2 F_i^T)``;
-        inverted factor by factor. Exact when G and C are Kronecker (then CG converges in
-        one step), and so always exact at the low-rank shapes (q1 = p2 = 1 or p1 = q2 = 1,
-        where G1 kron G2 = G and C1 kron C2 = C). Cost ``r m2 n2 (m2 + n2) + r^2 m2 n2`` and
-        ``p1^3 + q1^3 + r^3`` to build, ``r p1 q1 (r + p1 + q1)`` per application, memory
-        ``r^2 + p1^2 + q1^2``.
+        ``"rows"``: block-Jacobi with the EXACT diagonal blocks of the Gram for each (term i,
+        row a) pair, q1 x q1 each: ``sum_{k,k'} (F_i^T G_aa F_i)[k,k'] C[(j,k),(j',k')]``
+        with ``G_aa`` the (a, a) diagonal block (p2 x p2) of G. It keeps C's structure and
+        G's within-row structure exactly (heavy-tailed channel scales on both sides) and
+        drops only G's coupling between rows and the coupling between terms; with G = I it
+        is the one-sided preconditioner of :class:`_Problem`, row by row. Cost
+        ``p1 r (p2 q2 (p2 + q2) + n^2)`` to build, ``p1 r q1^3 / 3`` to factor,
+        ``2 r p1 q1^2`` per application; memory ``p1 r q1^2``.
 
-        ``kind="block"``: block-Jacobi over terms with each diagonal block
-        ``Gram_ii ~ Gb_i kron Cb_i / s_i``, ``Gb_i = sum_{b,b'} (F_i C2 F_i^T)[b,b'] G[(a,b),(a',b')]``
-        (exact G, C approximated inside), ``Cb_i`` likewise with ``F_i^T G2 F_i`` and exact C,
-        ``s_i = tr(G2 F_i C2 F_i^T)``. Exact diagonal blocks for Kronecker G and C. Cost
-        ``r (m^2 + n^2)`` to build, ``r (p1^3 + q1^3) / 3`` to factor, memory ``r (p1^2 + q1^2)``.
+        ``"cols"``: the mirror image, exact p1 x p1 blocks for each (term i, column j):
+        ``sum_{b,b'} (F_i C_jj F_i^T)[b,b'] G[(a,b),(a',b')]``. Cost ``q1 r (... + m^2)``,
+        memory ``q1 r p1^2``.
+
+        ``"kron"``: the whole Gram under the nearest Kronecker factorisations ``G ~ G1 kron
+        G2``, ``C ~ C1 kron C2`` (:func:`kronecker_factor_cov`), which is ``K kron G1 kron
+        C1`` with the r x r term coupling ``K[i, l] = tr(G2 F_l C2 F_i^T)``, inverted factor
+        by factor. Exact when G and C are Kronecker, and therefore always exact at the
+        low-rank shapes (a_shape (m, 1) or (1, n): there G1 kron G2 = G, C1 kron C2 = C, and
+        CG converges in one step). Weak on realistic, far-from-Kronecker weights. Cost
+        ``r m2 n2 (m2 + n2 + r)`` and ``p1^3 + q1^3 + r^3``; memory ``r^2 + p1^2 + q1^2``.
+
+        ``"block"``: per-term blocks ``Gb_i kron Cb_i / s_i`` (exact G contracted with
+        ``F_i C2 F_i^T``, exact C with ``F_i^T G2 F_i``, ``s_i = tr(G2 F_i C2 F_i^T)``): the
+        fallback when the others do not fit. Memory ``r (p1^2 + q1^2)``, cost ``r (m^2 + n^2)``.
+
+        Measured (two sweeps of 12 CG steps from the same start, realistic G and C,
+        power-law W, 384 x 192 and 128 x 96): "rows" and "cols" end at 2-3x lower f than
+        "block", 6-200x lower than "kron", 15x lower than no preconditioner; but still ~9x
+        above exact half-steps at 128 x 96 (the preconditioned spectrum spans 1e-5..50: the
+        coupling of all terms through a few heavy channels is not in the diagonal blocks).
         """
         r = F.shape[0]
         p1, q1, p2, q2 = self.p1, self.q1, self.p2, self.q2
+        if kind in ("rows", "cols"):
+            if kind == "rows":   # blocks over j for each (a, i)
+                W4, S4, nb, nc, sb, sc = self.G, self.C, p1, q1, p2, q2
+                Ft, Fn = F.transpose(1, 2), F
+            else:                # blocks over a for each (j, i)
+                W4, S4, nb, nc, sb, sc = self.C, self.G, q1, p1, q2, p2
+                Ft, Fn = F, F.transpose(1, 2)
+            # D: the diagonal blocks (nb, sb, sb) of the weight on this side; Sp: the other
+            # side's weight as (nc^2, sc^2), so that one GEMM contracts every (sc x sc) block
+            # M[a, i] = F_i^T D_a F_i (rows; F_i D_j F_i^T for cols) with it
+            D = W4.reshape(nb, sb, nb, sb).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            Sp = S4.reshape(nc, sc, nc, sc).permute(0, 2, 1, 3).reshape(nc * nc, sc * sc)
+            Fb = Fn.permute(1, 0, 2).reshape(sb, r * sc)               # (sb, r sc)
+            blocks = torch.empty(nb, r, nc, nc, dtype=F.dtype, device=F.device)
+            step = max(1, _GRAM_CHUNK // max(r * sc * max(sc, sb), 1))
+            for s0 in range(0, nb, step):
+                Dc = D[s0:s0 + step]
+                c = Dc.shape[0]
+                Y = (Dc.reshape(c * sb, sb) @ Fb).reshape(c, sb, r, sc)   # D_a F_i, one GEMM
+                M = torch.einsum("ibk,cbil->cikl", Fn, Y)                 # (c, r, sc, sc)
+                blocks[s0:s0 + step] = (M.reshape(-1, sc * sc) @ Sp.T).reshape(c, r, nc, nc)
+            # explicit block inverses: one batched mat-vec per application (measured 5x faster
+            # than two batched triangular solves with one right-hand side each)
+            Binv = torch.cholesky_inverse(_chol_damped(blocks))
+            del blocks
+
+            def apply(R):
+                Rb = R.transpose(0, 1) if kind == "rows" else R.permute(2, 0, 1)  # (nb, r, nc)
+                Z = (Binv @ Rb.unsqueeze(-1)).squeeze(-1)
+                return Z.transpose(0, 1) if kind == "rows" else Z.permute(1, 2, 0)
+
+            return apply
         G1, G2 = self.gfac
         C1, C2 = self.cfac
         if kind == "kron":
@@ -608,50 +669,8 @@ class _Problem2:
                 return torch.cholesky_solve(Z.transpose(1, 2), LC).transpose(1, 2)
 
             return apply
-        if kind == "kron-tailored":
-            Mg = (F @ C2 @ F.transpose(1, 2)).sum(0)
-            Mc = (F.transpose(1, 2) @ G2 @ F).sum(0)
-            Gh = torch.einsum("abAB,bB->aA", self.G.reshape(p1, p2, p1, p2), Mg)
-            Ch = torch.einsum("jkJK,kK->jJ", self.C.reshape(q1, q2, q1, q2), Mc)
-            Y = G2 @ F @ C2
-            K = F.reshape(r, -1) @ Y.reshape(r, -1).T
-            LK = _chol_damped(0.5 * (K + K.T))
-            LG = _chol_damped(0.5 * (Gh + Gh.T))
-            LC = _chol_damped(0.5 * (Ch + Ch.T))
-
-            def apply(R):
-                Z = torch.cholesky_solve(R.reshape(r, -1), LK).reshape(r, p1, q1)
-                Z = torch.cholesky_solve(Z, LG)
-                return torch.cholesky_solve(Z.transpose(1, 2), LC).transpose(1, 2)
-
-            return apply
-        if kind == "none":
-            return lambda R: R
-        if kind in ("rows", "rows-global", "rows-noortho"):
-            Gaa = self.G.reshape(p1, p2, p1, p2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            Fh = F.reshape(r, -1)
-            Y = (Gaa[:, None] @ F[None]).reshape(p1, r, -1)          # G_aa F_l
-            K = Fh[None] @ Y.transpose(1, 2)                         # (p1, r, r)
-            if kind == "rows-global":
-                K = K.sum(0, keepdim=True).expand(p1, r, r)
-            if kind == "rows-noortho":
-                K = torch.eye(r, dtype=F.dtype).expand(p1, r, r)
-            Lk = _chol_damped(0.5 * (K + K.transpose(1, 2)))
-            eye = torch.eye(r, dtype=F.dtype, device=F.device).expand(p1, r, r)
-            T = torch.linalg.solve_triangular(Lk, eye, upper=False)   # T_a K_a T_a^T = I
-            Fp = (T @ Fh[None]).reshape(p1, r, p2, q2)
-            M = Fp.transpose(2, 3) @ Gaa[:, None] @ Fp                # (p1, r, q2, q2)
-            Cp = self.C.reshape(q1, q2, q1, q2).permute(0, 2, 1, 3).reshape(q1 * q1, q2 * q2)
-            Lc = _chol_damped((M.reshape(p1 * r, -1) @ Cp.T).reshape(p1, r, q1, q1))
-
-            def apply(R):                                             # R (r, p1, q1)
-                Ra = T @ R.transpose(0, 1)                            # (p1, r, q1)
-                Z = torch.cholesky_solve(Ra.unsqueeze(-1), Lc).squeeze(-1)
-                return (T.transpose(1, 2) @ Z).transpose(0, 1)
-
-            return apply
         if kind != "block":
-            raise ValueError(f"preconditioner must be 'kron' or 'block', got {kind!r}")
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {kind!r}")
         Mg = F @ C2 @ F.transpose(1, 2)                      # (r, p2, p2)
         Mc = F.transpose(1, 2) @ G2 @ F                      # (r, q2, q2)
         sc = (Mg * G2).sum(dim=(1, 2))
@@ -668,45 +687,70 @@ class _Problem2:
 
         return apply
 
-    def solve_cg(self, F, X0, max_iter, rtol, precond="kron"):
+    def solve_cg(self, F, X0, max_iter, rtol, precond):
         """Preconditioned CG on ``Gram(X) = H`` from ``X0`` (one system, all r p1 q1 unknowns).
 
         CG started at the current iterate decreases the quadratic at every step, so an
-        inexact half-step never increases f. Stops at ``||H - Gram(X)|| <= rtol ||H||``.
+        inexact half-step never increases f. Stops when the preconditioned residual
+        ``<R, P R>`` has fallen by ``rtol^2`` from its value at the warm start (relative to
+        the right-hand side instead, later sweeps near a slow ALS fixed point would stop at
+        once and stall), or after ``max_iter`` steps. Returns ``(X, steps)``.
         """
         H = self.rhs(F)
         X = X0.clone()
         R = H - self.gram_apply(X, F)
         Pinv = self.preconditioner(F, precond)
         Z = Pinv(R)
-        P = Z
-        rz = float((R * Z).sum())
-        # stop on the preconditioned residual <R, P^{-1} R> relative to <H, P^{-1} H>: the plain
-        # residual norm of an ill-conditioned Gram stops CG long before f stops falling
-        hz = max(float((H * Pinv(H)).sum()), 1e-300)
-        it = 0
-        for it in range(1, max_iter + 1):
-            if rz <= rtol ** 2 * hz:
-                it -= 1
-                break
+        P = Z.clone()
+        rz = float(torch.vdot(R.reshape(-1), Z.reshape(-1)))
+        rz0 = rz
+        steps = 0
+        while steps < max_iter and rz > rtol ** 2 * rz0 and rz > 0:
             GP = self.gram_apply(P, F)
-            pgp = float((P * GP).sum())
-            if not pgp > 0 or not rz > 0:
-                it -= 1
+            pgp = float(torch.vdot(P.reshape(-1), GP.reshape(-1)))
+            if not pgp > 0:
                 break
             alpha = rz / pgp
-            X = X + alpha * P
-            R = R - alpha * GP
+            X.add_(P, alpha=alpha)
+            R.sub_(GP, alpha=alpha)
+            steps += 1
             Z = Pinv(R)
-            rz_new = float((R * Z).sum())
-            P = Z + (rz_new / rz) * P
+            rz_new = float(torch.vdot(R.reshape(-1), Z.reshape(-1)))
+            P = P.mul_(rz_new / rz).add_(Z)
             rz = rz_new
-        return X, it
+        return X, steps
+
+
+#: the preconditioners of the two-sided CG half-steps (see :meth:`_Problem2.preconditioner`)
+PRECONDITIONERS = ("auto", "rows", "cols", "kron", "block")
+#: largest preconditioner (elements) "auto" builds, and its largest build cost in Gram products
+_PRECOND_MEM = 2**25
+_PRECOND_COST = 8
+
+
+def _choose_preconditioner(p1, q1, p2, q2, r):
+    """``"auto"``: "kron" at the low-rank shapes (exact there); else the cheaper to build of
+    "rows" and "cols" that fits in memory and costs at most a few Gram products; else
+    "block"; else "kron"."""
+    m, n = p1 * p2, q1 * q2
+    if (q1 == 1 and p2 == 1) or (p1 == 1 and q2 == 1):
+        return "kron"
+    product = 2 * r * m * n + m * m * n + m * n * n
+    cands = [(p1 * r * (p2 * q2 * (p2 + q2) + n * n), p1 * r * q1 * q1, "rows"),
+             (q1 * r * (p2 * q2 * (p2 + q2) + m * m), q1 * r * p1 * p1, "cols")]
+    ok = [(cost, kind) for cost, mem, kind in cands
+          if mem <= _PRECOND_MEM and cost <= _PRECOND_COST * product]
+    if ok:
+        return min(ok)[1]
+    if r * (p1 * p1 + q1 * q1) <= _PRECOND_MEM:
+        return "block"
+    return "kron"
 
 
 def _als2(W, G, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None,
-          precond="auto", verbose=False):
-    """Alternating exact (or monotone PCG) block minimisation of ``tr(G E C E^T)``."""
+          precond="auto", f0=None, verbose=False):
+    """Alternating exact (or monotone PCG) block minimisation of ``tr(G E C E^T)``; see
+    :func:`als_refine`. ``f0``: f at (A, B) when already known."""
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
     obj = _FisherObjective(W, G, C) if obj is None else obj
@@ -715,14 +759,20 @@ def _als2(W, G, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None
         solver = "direct" if r * max(m1 * n1, m2 * n2) <= DIRECT_SOLVER_MAX else "cg"
     if solver not in ("direct", "cg"):
         raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
+    if precond not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {precond!r}")
+    kinds = {"A": precond, "B": precond}
+    if precond == "auto":
+        kinds = {"A": _choose_preconditioner(m1, n1, m2, n2, r),
+                 "B": _choose_preconditioner(m2, n2, m1, n1, r)}
     gfac = cfac = (None, None)
-    if solver == "cg":
+    if solver == "cg" and {"kron", "block"} & set(kinds.values()):
         gfac = kronecker_factor_cov(G, m1)
         cfac = kronecker_factor_cov(C, n1)
     pa = _Problem2(G, C, RGWC, m1, n1, m2, n2, gfac, cfac)
     pb = _Problem2(_commute(G, m1, m2, m1, m2), _commute(C, n1, n2, n1, n2), RGWC.T.contiguous(),
                    m2, n2, m1, n1, gfac[::-1], cfac[::-1])
-    f = obj(A, B)
+    f = obj(A, B) if f0 is None else f0
     history = [f]
     cg_counts = []
     for sweep in range(max_iter):
@@ -732,7 +782,7 @@ def _als2(W, G, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None
             if solver == "direct":
                 Xn, its = prob.solve_direct(F, X0)
             else:
-                Xn, its = prob.solve_cg(F, X0, cg_max_iter, cg_tol, precond)
+                Xn, its = prob.solve_cg(F, X0, cg_max_iter, cg_tol, kinds[which])
             cg_counts.append(its)
             if which == "A":
                 A = Xn.contiguous()
@@ -744,7 +794,10 @@ def _als2(W, G, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None
             print(f"two-sided ALS sweep {sweep + 1}: f = {f:.6e}")
         if f_old <= 0 or (f_old - f) <= tol * f_old:
             break
-    return A, B, history, {"solver": solver, "cg_iterations": cg_counts}
+    info = {"solver": solver, "cg_iterations": cg_counts}
+    if solver == "cg":
+        info["preconditioner"] = f"{kinds['A']}/{kinds['B']}"
+    return A, B, history, info
 
 
 # ----------------------------------------------------------------------------- public
@@ -946,11 +999,15 @@ def als_refine(W, cov, init: KronFactors, *, gcov=None, als_sweeps: int = ALS_SW
     ``N^2 min(m1 n2, m2 n1)^2 / r`` to form, ``N^3 / 3`` to factor): the exact block
     minimiser. ``solver="cg"`` runs at most ``cg_max_iter`` preconditioned CG steps from the
     current iterate, each one product with the Gram operator (cost ``2 r m n + m^2 n + m n^2``,
-    no Kronecker product or Gram formed), so f never increases. ``preconditioner`` (CG only):
-    ``"kron"`` (the whole Gram under the nearest Kronecker factorisations of G and C, exact
-    when they are Kronecker, and at the low-rank shapes), ``"block"`` (per-term blocks), or
-    ``"auto"``; see :meth:`_Problem2.preconditioner`. ``"auto"`` solver: direct when
-    ``r * max(m1 n1, m2 n2) <= DIRECT_SOLVER_MAX``. ``gcov`` is used as given (no damping:
+    no Kronecker product or Gram formed), so f never increases. ``preconditioner`` (CG only,
+    see :meth:`_Problem2.preconditioner`): ``"rows"`` / ``"cols"`` (block-Jacobi with the
+    exact diagonal blocks of the Gram per (term, row of the factor's blocks) / per (term,
+    column): C's and G's heavy-tailed channel scales are kept), ``"kron"`` (the whole Gram
+    under the nearest Kronecker factorisations of G and C: exact when they are Kronecker and
+    at the low-rank shapes (m, 1), (1, n)), ``"block"`` (per-term blocks, the fallback), or
+    ``"auto"`` ("kron" at the low-rank shapes, else the cheaper of "rows" and "cols" that
+    fits in memory). ``"auto"`` solver: direct when ``r * max(m1 n1, m2 n2) <=
+    DIRECT_SOLVER_MAX``. ``gcov`` is used as given (no damping:
     see :func:`damped_cov`); ``info["objective"] = "fisher"``, ``relative_error =
     sqrt(f / tr(G W C W^T))``. With ``gcov=None`` this is exactly the one-sided ALS above.
     """
@@ -1007,11 +1064,11 @@ def _als_refine_fisher(Wt, cov, gcov, init, like, t0, **kw):
 def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, gcov=None, init=INIT,
                       method: str = "auto", permute=None, als_sweeps: int = ALS_SWEEPS,
                       tol: float = ALS_TOL, solver: str = "auto", cg_max_iter: int = CG_MAX_ITER,
-                      cg_tol: float = CG_TOL, preconditioner: str = "auto",
+                      cg_tol: float = CG_TOL, preconditioner: str = "auto", warmup_sweeps="auto",
                       damping: float = DAMPING, gdamping: float = DAMPING,
                       n_oversamples: int = N_OVERSAMPLES, n_power_iter: int = N_POWER_ITER,
                       seed: int = SEED, device=None) -> KronFactors:
-    r"""Nearest sum of ``rank`` Kronecker products to ``W``, plain or activation-aware.
+    r"""Nearest sum of ``rank`` Kronecker products to ``W``: plain, activation-aware or loss-aware.
 
     Objective::
 
@@ -1042,7 +1099,10 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, gcov=None, init=IN
     and is solved as such (``info["als"]``): gcov a pair and C dense -> the activation-aware
     ALS on ``(T1 kron T2) W`` (``T_k = G_k^{1/2}``); G dense and cov None or a pair -> the
     activation-aware ALS on ``(W (S1 kron S2))^T`` with G as its covariance (a_shape
-    ``(n1, m1)``). Both dense -> the two-sided ALS of :func:`als_refine` (``gcov=``).
+    ``(n1, m1)``). Both dense -> the two-sided ALS of :func:`als_refine` (``gcov=``), led by
+    ``warmup_sweeps`` activation-aware sweeps (G ignored; each kept only if it lowers the
+    true f; ``"auto"``: one when the two-sided half-steps use CG), because those are well
+    conditioned and get further per second (``info["sweeps"]`` says which ran).
     ``permute`` acts on input channels (columns) only and needs a dense cov; G is untouched.
     G is damped to ``G + lam * mean(diag G) * I`` with ``lam`` from ``gdamping`` upward
     (``info["gdamping"]``; a G that needs more than :data:`GCOV_MAX_DAMPING` is refused);
@@ -1063,6 +1123,7 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, gcov=None, init=IN
         ``"variance"`` sorts channels by decreasing ``diag(C)``. Stored in ``perm``.
     als_sweeps, tol : ALS sweeps and relative-decrease stopping tolerance.
     solver, cg_max_iter, cg_tol, preconditioner : ALS half-step solver (see :func:`als_refine`).
+    warmup_sweeps : "auto" or int; leading activation-aware sweeps of the two-sided ALS.
     damping : relative ridge on C (and on C1, C2).
     gdamping : relative ridge on G (and on G1, G2).
     n_oversamples, n_power_iter, seed : randomized SVD settings.
@@ -1100,8 +1161,8 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, gcov=None, init=IN
             Wt, (m1, n1, m2, n2), r, kind, C, gkind, G, start, permute,
             als_kw={"max_iter": int(als_sweeps), "tol": tol, "solver": solver,
                     "cg_max_iter": cg_max_iter, "cg_tol": cg_tol},
-            precond=preconditioner, damping=damping, gdamping=gdamping, method=method,
-            svd_kw=_svd_kw(n_oversamples, n_power_iter, seed))
+            precond=preconditioner, warmup=warmup_sweeps, damping=damping, gdamping=gdamping,
+            method=method, svd_kw=_svd_kw(n_oversamples, n_power_iter, seed))
         return _finish_from(F, W, t0)
     if kind is None:
         if permute is not None:
@@ -1149,8 +1210,54 @@ def nearest_kronecker(W, a_shape, rank: int = 1, *, cov=None, gcov=None, init=IN
     return _finish_from(out, W, t0)
 
 
+def _als2_warm(Wt, Gd, Cd, A, B, obj, precond, warmup, als_kw):
+    """Two-sided ALS, led by ``warmup`` activation-aware sweeps (one-sided, G ignored), each
+    kept only if it lowers the TRUE f = tr(G E C E^T) (so f never increases).
+
+    Why: the one-sided half-steps are well conditioned (C's heavy-tailed channel scales only)
+    and PCG solves them almost exactly in 12 steps; the two-sided ones multiply in G's scales
+    and 12 PCG steps go a shorter way. Measured at 1536 x 576, a_shape (32, 24), 80%
+    parameters, realistic G and C (bench_fisher): one warm-up sweep plus one two-sided sweep
+    reaches 40% lower error than two two-sided sweeps, in less time. ``"auto"``: one
+    warm-up sweep when the two-sided half-steps use CG, none when they are solved exactly.
+    """
+    max_iter, solver = als_kw["max_iter"], als_kw["solver"]
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    if warmup == "auto":
+        two_solver = solver if solver != "auto" else (
+            "direct" if r * max(m1 * n1, m2 * n2) <= DIRECT_SOLVER_MAX else "cg")
+        warmup = 1 if two_solver == "cg" else 0
+    if isinstance(warmup, bool) or int(warmup) != warmup or warmup < 0:
+        raise ValueError(f"warmup_sweeps must be 'auto' or a non-negative integer, got {warmup!r}")
+    f = obj(A, B)
+    history, kinds, counts = [f], [], []
+    one = None
+    for _ in range(min(int(warmup), max_iter)):
+        one = _Objective(Wt, Cd) if one is None else one
+        A1, B1, _, info1 = _als(Wt, Cd, A, B, obj=one, **{**als_kw, "max_iter": 1, "tol": 0.0})
+        f1 = obj(A1, B1)
+        if not f1 < f:
+            break
+        f_old, f, A, B = f, f1, A1, B1
+        history.append(f)
+        kinds.append("one-sided")
+        counts += info1["cg_iterations"]
+        if (f_old - f) <= als_kw["tol"] * f_old:
+            return A, B, history, {"solver": info1["solver"], "cg_iterations": counts,
+                                   "sweeps": kinds}
+    rest = max_iter - len(kinds)
+    A, B, h2, info = _als2(Wt, Gd, Cd, A, B, obj=obj, precond=precond, f0=f,
+                           **{**als_kw, "max_iter": rest})
+    history += h2[1:]
+    kinds += ["two-sided"] * (len(h2) - 1)
+    info["cg_iterations"] = counts + info["cg_iterations"]
+    info["sweeps"] = kinds
+    return A, B, history, info
+
+
 def _nearest_kronecker_fisher(Wt, dims, r, kind, C, gkind, G, start, permute, *, als_kw, precond,
-                              damping, gdamping, method, svd_kw) -> KronFactors:
+                              warmup, damping, gdamping, method, svd_kw) -> KronFactors:
     """nearest_kronecker with a gcov (see its docstring); returns work-tensor KronFactors."""
     t0 = time.perf_counter()
     m1, n1, m2, n2 = dims
@@ -1209,7 +1316,7 @@ def _nearest_kronecker_fisher(Wt, dims, r, kind, C, gkind, G, start, permute, *,
         A0, B0 = cands[start_name]
     if gkind == "dense" and kind == "dense":
         route = "two-sided"
-        A, B, history, als_info = _als2(Wt, Gd, Cd, A0, B0, obj=obj, precond=precond, **als_kw)
+        A, B, history, als_info = _als2_warm(Wt, Gd, Cd, A0, B0, obj, precond, warmup, als_kw)
     elif gkind == "kron":
         # (T1 kron T2)(A kron B) = (T1 A) kron (T2 B): one-sided on the G-whitened W, exactly
         route = "one-sided, G1 kron G2 whitened"

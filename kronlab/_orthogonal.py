@@ -89,7 +89,9 @@ def weighted_procrustes(K: torch.Tensor, terms, Q0: torch.Tensor | None = None, 
     ----------
     K : (d, d) tensor
     terms : list of (S, R) pairs of (d, d) tensors
-    Q0 : starting orthogonal matrix (default: the unweighted Procrustes solution of K)
+    Q0 : a starting orthogonal matrix; the descent starts from the better of Q0 and the
+        unweighted solution ``orthogonal_procrustes(K)`` (descent never leaves the sign of
+        ``det Q`` it started with), so ``f(Q) <= f(Q0)``
 
     Returns ``(Q, info)`` with ``info["history"]`` the values of ``f`` (start and after
     every step), ``info["iterations"]`` and ``info["riemannian_grad_norm"]`` (the norm of
@@ -106,7 +108,17 @@ def weighted_procrustes(K: torch.Tensor, terms, Q0: torch.Tensor | None = None, 
         if S.shape != (d, d) or R.shape != (d, d):
             raise ValueError(f"every term (S, R) must be ({d}, {d}), got {tuple(S.shape)}, "
                              f"{tuple(R.shape)}")
-    Q = orthogonal_procrustes(K) if Q0 is None else Q0.to(device=K.device, dtype=_F64)
+    # start from the better of Q0 and the unweighted solution: the descent stays in the
+    # connected component (sign of det) of its start, and the two may differ
+    Q = orthogonal_procrustes(K)
+    if Q0 is not None and max_iter == 0:  # no steps: the start itself
+        f0 = _value(Q0.to(device=K.device, dtype=_F64), K, terms)
+        return Q0.to(device=K.device, dtype=_F64), {"history": [f0], "iterations": 0,
+                                                      "riemannian_grad_norm": float("nan")}
+    if Q0 is not None:
+        Q0 = Q0.to(device=K.device, dtype=_F64)
+        if _value(Q0, K, terms) <= _value(Q, K, terms):
+            Q = Q0
     L = 2.0 * sum(float(torch.linalg.matrix_norm(S, ord=2)) * float(torch.linalg.matrix_norm(R, ord=2))
                   for S, R in terms)
     scale = float(torch.linalg.matrix_norm(K)) + 1e-300

@@ -2,6 +2,7 @@
 
     kronlab compress --method kron-aa --ratio 0.6 --out runs/m   compress a causal LM, save it
     kronlab evaluate --model runs/m                              perplexity of a model or a save
+    kronlab heal --model runs/m --out runs/h                     distil a save from its teacher
     kronlab book build [--profile default]        execute every chapter, build _build/html
     kronlab book run CHAPTER [-p NAME VALUE]...   rerun one chapter with overrides
     kronlab book html                             rebuild the site from executed chapters
@@ -167,11 +168,13 @@ def _add_book(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (imports torch, for the method list; nothing heavier)."""
-    from . import cli_llm
+    from . import cli_heal, cli_llm
 
     parser = Parser(prog="kronlab", description=DESCRIPTION, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate,book}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{compress,evaluate,heal,book}")
     cli_llm.add_commands(sub)
+    cli_heal.add_command(sub)
     _add_book(sub)
     return parser
 

@@ -31,7 +31,8 @@ from .defaults import (
     WINDOW,
 )
 
-__all__ = ["add_commands", "text_name"]
+__all__ = ["add_commands", "check_device", "check_model", "check_out", "check_text",
+           "compress_settings", "int_at_least", "positive_float", "stored_corpora", "text_name"]
 
 _LLM_MODULES = ("transformers", "safetensors", "tqdm")
 
@@ -57,7 +58,7 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -67,7 +68,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -83,7 +84,7 @@ def _int_at_least(low: int):
 
 # ----------------------------------------------------------------------------- checks
 
-def _corpora() -> list[str]:
+def stored_corpora() -> list[str]:
     from .data import list_corpora
 
     try:
@@ -94,13 +95,13 @@ def _corpora() -> list[str]:
 
 def text_name(source: str) -> str:
     """The name a text is reported under: the corpus name, ``wikitext2``, or a file's stem."""
-    if source in _corpora() or source == "wikitext2":
+    if source in stored_corpora() or source == "wikitext2":
         return source
     return Path(source).stem
 
 
-def _check_text(source: str, option: str, prog: str) -> None:
-    corpora = _corpora()
+def check_text(source: str, option: str, prog: str) -> None:
+    corpora = stored_corpora()
     if source in corpora:
         return
     if source == "wikitext2":
@@ -122,7 +123,7 @@ def _check_text(source: str, option: str, prog: str) -> None:
         raise UsageError(f"{option} {source!r} is an empty file", prog)
 
 
-def _check_model(spec: str | None, prog: str) -> str:
+def check_model(spec: str | None, prog: str) -> str:
     """The kind of model ``spec`` names ("kronlab", "gguf", "local", "hub"), or a UsageError."""
     if spec is not None and (Path(spec).expanduser() / "kronlab.json").is_file():
         from .io import WEIGHTS, read_manifest
@@ -157,7 +158,7 @@ def _writable_ancestor(path: Path) -> Path:
     return p
 
 
-def _check_out(out: str, overwrite: bool, prog: str) -> Path:
+def check_out(out: str, overwrite: bool, prog: str) -> Path:
     path = Path(out).expanduser()
     if path.exists():
         if not overwrite:
@@ -185,7 +186,7 @@ def _check_json(out: str | None, prog: str) -> None:
         raise UsageError(f"--json {out}: cannot create files in {where}", prog)
 
 
-def _check_device(text: str, prog: str) -> str:
+def check_device(text: str, prog: str) -> str:
     import torch
 
     valid = "valid: cpu, cuda, cuda:N"
@@ -300,7 +301,7 @@ def compress_settings(args) -> dict:
     """Check every argument of ``kronlab compress``; return the settings in use."""
     prog = "kronlab compress"
     _require_llm(prog)
-    kind = _check_model(args.model, prog)
+    kind = check_model(args.model, prog)
     if args.calib_tokens < args.seq_len:
         raise UsageError(f"--calib-tokens {args.calib_tokens} is less than --seq-len "
                          f"{args.seq_len}: one calibration sequence needs --seq-len tokens", prog)
@@ -313,9 +314,9 @@ def compress_settings(args) -> dict:
                          f"alone ({free}); {args.method} needs calibration", prog)
     calibrate = not (data_free and args.no_output_error)
     if calibrate:
-        _check_text(args.calibration, "--calibration", prog)
-    out = _check_out(args.out, args.overwrite, prog)
-    device = _check_device(args.device, prog)
+        check_text(args.calibration, "--calibration", prog)
+    out = check_out(args.out, args.overwrite, prog)
+    device = check_device(args.device, prog)
     n_seq = math.ceil(args.calib_tokens / args.seq_len)
     return {
         "model": args.model or "smollm2", "model_kind": kind, "method": args.method,
@@ -440,11 +441,11 @@ def _load(spec, kind: str, device: str, dtype):
 def _evaluate_settings(args) -> dict:
     prog = "kronlab evaluate"
     _require_llm(prog)
-    kind = _check_model(args.model, prog)
+    kind = check_model(args.model, prog)
     texts = list(args.text) if args.text else list(EVAL_TEXTS)
     names: dict[str, str] = {}
     for source in texts:
-        _check_text(source, "--text", prog)
+        check_text(source, "--text", prog)
         name = text_name(source)
         if name in names:
             raise UsageError(f"--text {names[name]!r} and {source!r} would both be reported "
@@ -455,7 +456,7 @@ def _evaluate_settings(args) -> dict:
                          "every text would be one short window; lower --window or raise "
                          "--max-tokens", prog)
     _check_json(args.json, prog)
-    device = _check_device(args.device, prog)
+    device = check_device(args.device, prog)
     if args.dtype == "saved" and kind != "kronlab":
         raise UsageError("--dtype saved applies to kronlab saves; give float32, bfloat16 or "
                          "float16 for other models", prog)
@@ -466,7 +467,7 @@ def _evaluate_settings(args) -> dict:
 
 
 def _text_record(source: str, text: str) -> dict:
-    if source in _corpora():
+    if source in stored_corpora():
         kind = "stored corpus, held-out part"
     elif source == "wikitext2":
         kind = "wikitext-2-raw-v1, test split"
@@ -541,7 +542,7 @@ def _cmd_evaluate(args) -> int:
 def _add_runtime(p) -> None:
     p.add_argument("--device", default="cpu",
                    help="where the model runs: cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_int_at_least(1), default=THREADS,
+    p.add_argument("--threads", type=int_at_least(1), default=THREADS,
                    help="CPU threads for torch (default: %(default)s, "
                         "kronlab.defaults.THREADS)")
 
@@ -550,7 +551,7 @@ def add_commands(sub) -> None:
     """Add ``compress`` and ``evaluate`` to the ``kronlab`` subcommands."""
     from .compress import METHOD_DESCRIPTIONS, METHODS, SHAPE_POLICIES
 
-    corpora = ", ".join(_corpora()) or "none found"
+    corpora = ", ".join(stored_corpora()) or "none found"
     c = sub.add_parser(
         "compress", help="compress a causal LM and save it", formatter_class=HelpFormatter,
         description="Replace the linear layers of a causal LM by Kronecker sums or low-rank "
@@ -565,20 +566,20 @@ def add_commands(sub) -> None:
                    help="replace --out if it is an earlier kronlab save")
     c.add_argument("--model", default=None,
                    help=f"the model to compress: {_MODEL_HELP} (default: smollm2)")
-    c.add_argument("--macs-ratio", type=_positive_float, default=None,
+    c.add_argument("--macs-ratio", type=positive_float, default=None,
                    help="also cap each layer's forward multiply-adds at this fraction of the "
                         "dense layer's (default: no cap)")
     c.add_argument("--calibration", default=CALIBRATION,
                    help="calibration text: " + _TEXT_HELP.format(corpora=corpora,
                                                                   part="calibration",
                                                                   split="train"))
-    c.add_argument("--calib-tokens", type=_int_at_least(1), default=CALIB_TOKENS,
+    c.add_argument("--calib-tokens", type=int_at_least(1), default=CALIB_TOKENS,
                    help="calibration tokens, rounded up to whole sequences of --seq-len")
-    c.add_argument("--seq-len", type=_int_at_least(1), default=SEQ_LEN,
+    c.add_argument("--seq-len", type=int_at_least(1), default=SEQ_LEN,
                    help="tokens per calibration sequence")
-    c.add_argument("--seed", type=_int_at_least(0), default=SEED,
+    c.add_argument("--seed", type=int_at_least(0), default=SEED,
                    help="seed of the calibration sequences' start positions")
-    c.add_argument("--als-sweeps", type=_int_at_least(0), default=ALS_SWEEPS,
+    c.add_argument("--als-sweeps", type=int_at_least(0), default=ALS_SWEEPS,
                    help="ALS sweeps of the activation-aware Kronecker fit (0: its closed-form "
                         "start only)")
     c.add_argument("--permute", default=PERMUTE if PERMUTE is not None else "none",
@@ -616,18 +617,18 @@ def add_commands(sub) -> None:
                    help="evaluation text, repeatable: " + _TEXT_HELP.format(
                        corpora=corpora, part="held-out", split="test")
                    + f" (default: {', '.join(EVAL_TEXTS)}, kronlab.defaults.EVAL_TEXTS)")
-    e.add_argument("--window", type=_int_at_least(2), default=WINDOW,
+    e.add_argument("--window", type=int_at_least(2), default=WINDOW,
                    help="tokens per perplexity window (windows do not overlap)")
-    e.add_argument("--max-tokens", type=_int_at_least(2), default=EVAL_TOKENS,
+    e.add_argument("--max-tokens", type=int_at_least(2), default=EVAL_TOKENS,
                    help="score the first this many tokens of each text (at least --window)")
-    e.add_argument("--batch-size", type=_int_at_least(1), default=1,
+    e.add_argument("--batch-size", type=int_at_least(1), default=1,
                    help="windows per forward pass")
     e.add_argument("--dtype", default="float32", choices=_EVAL_DTYPES,
                    help="dtype to evaluate in; saved: a kronlab save's own dtype (bfloat16 "
                         "is slow on CPUs, so saves are upcast to float32 by default)")
     e.add_argument("--generate", default=None, metavar="PROMPT",
                    help="also print a greedy continuation of PROMPT")
-    e.add_argument("--max-new-tokens", type=_int_at_least(1), default=40,
+    e.add_argument("--max-new-tokens", type=int_at_least(1), default=40,
                    help="length of the --generate sample, in tokens")
     e.add_argument("--json", default=None, metavar="PATH",
                    help="write the results as JSON: perplexity per text name, parameters, "

@@ -263,7 +263,8 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
              gcovariances=None, layers=None, exclude=None, macs_ratio: float | None = None,
              permute=PERMUTE, als_sweeps: int = ALS_SWEEPS, shape_policy: str = SHAPE_POLICY,
              screen: int | None = CHOOSER_SCREEN, top_k: int = CHOOSER_TOP_K,
-             in_place: bool = False, device=None, progress: bool = True):
+             in_place: bool = False, device=None, progress: bool = True,
+             ratios: dict | None = None):
     """Compress the linear layers of ``model``; return ``(compressed_model, report)``.
 
     Parameters
@@ -298,6 +299,9 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         model and gives every block the same structure.
     in_place : modify ``model`` itself; by default a copy is compressed and the
         input model is left untouched.
+    ratios : optional dict layer name -> its own kept fraction in (0, 1], overriding
+        ``ratio`` for those layers (e.g. :func:`kronlab.allocate.allocate`'s ``ratios``);
+        every name must be a compressed layer.
     """
     _check_args(method, ratio, macs_ratio)
     if shape_policy not in SHAPE_POLICIES:
@@ -305,6 +309,16 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     targets = find_linear_layers(model, include=layers, exclude=exclude)
     if not targets:
         raise ValueError(f"no linear layers match {layers!r}")
+    ratios = {} if ratios is None else dict(ratios)
+    unknown = [n for n in ratios if n not in targets]
+    if unknown:
+        raise ValueError(f"ratios names layers that are not compressed: {unknown[:5]}; valid "
+                         f"names look like {list(targets)[:2]}")
+    for n, r in ratios.items():
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(r) \
+                or not 0 < r <= 1:
+            raise ValueError(f"ratios[{n!r}] must be in (0, 1] (the fraction of the layer's "
+                             f"parameters kept), got {r!r}")
     objective = objective_of(method)
     stats_seconds = 0.0
     if covariances is None and calibration is not None:
@@ -352,7 +366,8 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         gcov = None if gcovariances is None else gcovariances.get(name)
         key = (layer_type(name), tuple(W.shape))
         a_shape = chosen.get(key) if shape_policy == "per-type" else None
-        module, rep = compress_layer(W, bias, method=method, ratio=ratio, macs_ratio=macs_ratio,
+        module, rep = compress_layer(W, bias, method=method, ratio=ratios.get(name, ratio),
+                                     macs_ratio=macs_ratio,
                                      cov=cov, gcov=gcov, permute=permute, als_sweeps=als_sweeps,
                                      a_shape=a_shape, screen=screen, top_k=top_k, device=device,
                                      name=name)
@@ -363,7 +378,7 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     config = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "permute": permute,
               "als_sweeps": als_sweeps, "shape_policy": shape_policy, "screen": screen,
               "top_k": top_k, "layers": layers, "exclude": exclude, "n_layers": len(names),
-              "statistics_seconds": stats_seconds}
+              "statistics_seconds": stats_seconds, "ratios": ratios or None}
     report = CompressionReport(method=method, ratio=float(ratio), macs_ratio=macs_ratio,
                                layers=reports, model_params_before=params_before,
                                model_params_after=_count(out), config=config)

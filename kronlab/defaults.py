@@ -23,6 +23,7 @@ __all__ = [
     "DIRECT_SOLVER_MAX",
     "EVAL_TEXTS",
     "EVAL_TOKENS",
+    "HEAL_ACTIVATION_LIMIT",
     "HEAL_BATCH_SIZE",
     "HEAL_CACHE_TOP_K",
     "HEAL_EVAL_EVERY",
@@ -103,18 +104,24 @@ THREADS = 2
 #: corpora (``split_corpus(name)[0]``), joined; their held-out parts are never trained on.
 HEAL_TEXTS = ("sotu", "austen", "brown")
 #: Training tokens (the budget), tokens per sequence, sequences per micro-batch and
-#: micro-batches per optimizer step (so HEAL_SEQ_LEN * HEAL_BATCH_SIZE * HEAL_GRAD_ACCUM
-#: tokens a step). Sized for SmolLM2-135M on 2 CPU cores: a training step of a ratio-0.8
-#: student (teacher forward, student forward and backward) ran at ~TODO tokens/s, so the
-#: default budget takes about TODO minutes there.
-HEAL_TOKENS = 65536
+#: micro-batches per optimizer step: HEAL_SEQ_LEN * HEAL_BATCH_SIZE * HEAL_GRAD_ACCUM = 1024
+#: tokens a step, 48 steps. Sized for SmolLM2-135M on the 2-core CPU (AMD EPYC, shared):
+#: a training step of a low-rank student at ratio 0.8 (teacher forward, student forward and
+#: backward) ran at 42 tokens/s, so the budget takes ~20 min, plus ~80 s per held-out
+#: evaluation (2 x EVAL_TOKENS tokens at ~200 tokens/s): ~25 min in all. A Kronecker
+#: student costs what its shapes cost: at the shapes of the recorded kron-aa 0.8 sweep
+#: (8.2x the dense layers' multiply-adds) a step ran at 3.3 tokens/s (blocks recomputed),
+#: ~4 h for this budget; the current chooser's kron-aa 0.8 shapes (0.96x, first two blocks,
+#: ``benchmarks/bench_heal.py --quick``) train as fast as the dense model.
+HEAL_TOKENS = 49152
 HEAL_SEQ_LEN = 256
 HEAL_BATCH_SIZE = 4
 HEAL_GRAD_ACCUM = 1
-#: AdamW: peak learning rate, the fraction of the steps spent in linear warm-up (then a
-#: cosine decay to zero), weight decay of the factors (norms and biases get none), and the
-#: gradient-norm clip (None: no clipping).
-HEAL_LR = 1e-4
+#: AdamW: peak learning rate (not tuned: the usual range for fine-tuning factored LLMs is
+#: 1e-4 to 3e-4, and this budget has few steps), the fraction of the steps spent in linear
+#: warm-up (then a cosine decay to zero), weight decay of the factors (norms and biases get
+#: none), and the gradient-norm clip (None: no clipping).
+HEAL_LR = 2e-4
 HEAL_WARMUP = 0.05
 HEAL_WEIGHT_DECAY = 0.0
 HEAL_MAX_GRAD_NORM = 1.0
@@ -127,6 +134,9 @@ HEAL_TEMPERATURE = 1.0
 HEAL_TRAIN = "factors"
 #: Held-out perplexity every this many training tokens (0: before and after only).
 HEAL_EVAL_EVERY = 16384
+#: Recompute each decoder block in the backward pass (gradient checkpointing) when the
+#: KronLinear intermediates of one micro-batch would take more bytes than this.
+HEAL_ACTIVATION_LIMIT = 2 * 2**30
 #: Teacher tokens kept per position when the teacher is cached on disk (top-k log-probs).
 HEAL_CACHE_TOP_K = 64
 #: The training tokens may share no run of this many tokens with the evaluated tokens.

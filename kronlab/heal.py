@@ -18,13 +18,20 @@ cosine decay, gradient accumulation; float32 on the CPU, bfloat16 autocast on CU
 
 Teacher logits are computed on the fly (exact KL), or cached on disk. A full cache
 would hold ``vocab x tokens`` numbers: for SmolLM2 (vocabulary 49152) 98 kB per token in
-bfloat16, 6.4 GB for the default 65536 tokens. The cache therefore keeps, per position,
+bfloat16, 4.8 GB for the default 49152 tokens. The cache therefore keeps, per position,
 the teacher's ``k`` most likely tokens (:data:`kronlab.defaults.HEAL_CACHE_TOP_K`) and
-the log-mass of the rest, ``8k + 4`` bytes (516 bytes at ``k = 64``: 34 MB for 65536
+the log-mass of the rest, ``8k + 4`` bytes (516 bytes at ``k = 64``: 25 MB for 49152
 tokens), and the loss becomes the KL between the two distributions *coarsened* to those
 ``k`` tokens plus one "other" outcome (:func:`topk_kl_divergence`). By the data processing
 inequality it is a lower bound of the full KL, equal to it when ``k`` is the vocabulary.
 A cache pays off when several students are healed from one teacher on the same tokens.
+
+Memory: a ``KronLinear`` keeps an intermediate product per token for the backward pass,
+often far larger than its output (:func:`kron_activation_bytes`); beyond
+:data:`kronlab.defaults.HEAL_ACTIVATION_LIMIT` the decoder blocks are recomputed in the
+backward pass (:func:`checkpointed_blocks`). Checkpoints (trainable parameters, AdamW,
+schedule, RNG states, data position, curves) are written atomically, and a resumed run
+ends where an uninterrupted one ends.
 
 Training and evaluation text are kept apart: the default training text is the
 *calibration* parts of the stored corpora (:data:`kronlab.defaults.HEAL_TEXTS`), never
@@ -37,7 +44,8 @@ Example (shapes; a tiny model, see ``tests/test_heal.py``)::
 
     healed, report = heal(student, teacher, text, tokenizer=tok, tokens=4096,
                           seq_len=64, batch_size=4, eval_text=held_out)
-    report.curve   # [{"tokens": 0, "perplexity": {"eval": 31.2}}, ..., {"tokens": 4096, ...}]
+    report.curve   # [{"step": 0, "tokens": 0, "perplexity": {"eval": 31.2}}, ...,
+                   #  {"step": 16, "tokens": 4096, "perplexity": {"eval": 24.7}}]
 
 Reference: G. Hinton, O. Vinyals and J. Dean, "Distilling the knowledge in a neural
 network", 2015.
@@ -55,6 +63,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,6 +76,7 @@ from .defaults import (
     HEAL_BATCH_SIZE,
     HEAL_CACHE_TOP_K,
     HEAL_EVAL_EVERY,
+    HEAL_ACTIVATION_LIMIT,
     HEAL_GRAD_ACCUM,
     HEAL_KL_WEIGHT,
     HEAL_LR,
@@ -90,9 +100,14 @@ __all__ = [
     "TRAIN_MODES",
     "HealReport",
     "check_same_vocabulary",
+    "checkpointed_blocks",
+    "decoder_blocks",
     "default_training_text",
     "heal",
+    "held_out_in",
     "kl_divergence",
+    "kron_activation_bytes",
+    "logits_of",
     "teacher_topk",
     "text_overlap",
     "token_overlap",
@@ -249,8 +264,9 @@ def default_training_text(names=HEAL_TEXTS) -> str:
     return DOCUMENT_SEPARATOR.join(split_corpus(name)[0] for name in names)
 
 
-def _held_out_in(text: str) -> list[str]:
-    """Stored corpora whose held-out part has passages in ``text``."""
+def held_out_in(text: str) -> list[str]:
+    """The stored corpora whose held-out part has passages in ``text`` (:func:`text_overlap`
+    with 16 probes each): held-out text that must not be trained on."""
     from .data import list_corpora, split_corpus
 
     try:
@@ -398,7 +414,8 @@ def _autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _logits_of(model, x, device):
+def logits_of(model, x, device):
+    """``model(x).logits``, under bfloat16 autocast on CUDA (float32 on the CPU)."""
     with _autocast(device):
         return model(input_ids=x, use_cache=False).logits
 
@@ -470,6 +487,58 @@ def _mismatch(a: dict, b: dict, keys) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
+def kron_activation_bytes(model: nn.Module, tokens: int, element_size: int = 4) -> int:
+    """Bytes of the ``KronLinear`` intermediates that a backward pass over ``tokens`` keeps.
+
+    A ``KronLinear`` stores, per token, its intermediate product ``r*m1*n2`` ("a_first") or
+    ``r*n1*m2`` ("b_first") numbers for the backward pass, often far more than the layer's
+    output: ~8.3 M floats a token for SmolLM2 at the shapes of the recorded kron-aa 0.8
+    sweep, 34 GB for 1024 tokens (which ran out of memory on the 23 GB CPU machine). Beyond
+    ``HEAL_ACTIVATION_LIMIT`` :func:`heal` recomputes each decoder block in the backward
+    pass instead (gradient checkpointing).
+    """
+    total = 0
+    for m in model.modules():
+        if isinstance(m, KronLinear):
+            (m1, n1), (m2, n2) = m.a_shape, m.b_shape
+            total += m.rank * (m1 * n2 if m.order == "a_first" else n1 * m2)
+    return total * int(tokens) * int(element_size)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The elements of the outermost ``ModuleList``s (the decoder blocks)."""
+    prefixes: list[str] = []
+    blocks: list[nn.Module] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name and \
+                not any(name.startswith(p) for p in prefixes):
+            prefixes.append(name + ".")
+            blocks += list(mod)
+    return blocks
+
+
+@contextmanager
+def checkpointed_blocks(model: nn.Module, enabled: bool):
+    """Run every decoder block under ``torch.utils.checkpoint`` (its activations are
+    recomputed in the backward pass, not stored), in eval mode too; undone on exit."""
+    if not enabled:
+        yield 0
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        def forward(*args, _forward=block.forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    try:
+        yield len(blocks)
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
 # ----------------------------------------------------------------------------- teacher cache
 
 class _TeacherCache:
@@ -492,9 +561,10 @@ class _TeacherCache:
     def get(self, i0: int, i1: int, device):
         import numpy as np
 
-        return (torch.from_numpy(np.ascontiguousarray(self.index[i0:i1])).to(device, torch.int64),
-                torch.from_numpy(np.ascontiguousarray(self.logp[i0:i1])).to(device),
-                torch.from_numpy(np.ascontiguousarray(self.rest[i0:i1])).to(device))
+        # np.array copies the memory-mapped rows (read-only) into writable memory
+        return (torch.from_numpy(np.array(self.index[i0:i1])).to(device, torch.int64),
+                torch.from_numpy(np.array(self.logp[i0:i1])).to(device),
+                torch.from_numpy(np.array(self.rest[i0:i1])).to(device))
 
     @staticmethod
     def nbytes(n_seq: int, seq_len: int, k: int) -> int:
@@ -518,7 +588,7 @@ class _TeacherCache:
                                  f"({', '.join(bad)} differ); remove it or choose another path")
             # a cache of another teacher is refused: recompute the first sequence
             with torch.no_grad():
-                t = _logits_of(teacher, seqs[:1].to(device), device)[:, :-1]
+                t = logits_of(teacher, seqs[:1].to(device), device)[:, :-1]
                 _, logp, _ = teacher_topk(t, k, temperature=T)
             if not torch.allclose(logp.cpu(), torch.from_numpy(np.array(cache.logp[:1])),
                                   atol=1e-3, rtol=0):
@@ -539,7 +609,7 @@ class _TeacherCache:
                 for i0 in tqdm(range(0, n, batch_size), desc="teacher top-k cache",
                                unit="batch", disable=not progress):
                     x = seqs[i0:i0 + batch_size].to(device)
-                    t = _logits_of(teacher, x, device)[:, :-1]
+                    t = logits_of(teacher, x, device)[:, :-1]
                     idx, lp, r = teacher_topk(t, k, temperature=T)
                     index[i0:i0 + len(x)] = idx.cpu().numpy().astype(np.int32)
                     logp[i0:i0 + len(x)] = lp.cpu().numpy()
@@ -590,7 +660,8 @@ def heal(student: nn.Module, teacher: nn.Module, data=None, *, tokenizer=None,
          eval_tokens: int = EVAL_TOKENS, window: int = WINDOW,
          cache_teacher: bool | str | os.PathLike = False, cache_top_k: int = HEAL_CACHE_TOP_K,
          checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = False,
-         stop_after: int | None = None, allow_overlap: bool = False, seed: int = SEED,
+         stop_after: int | None = None, grad_checkpointing: bool | str = "auto",
+         allow_overlap: bool = False, seed: int = SEED,
          device=None, in_place: bool = False, progress: bool = True):
     r"""Distil ``teacher`` into the compressed ``student``; return ``(student, HealReport)``.
 
@@ -629,7 +700,8 @@ def heal(student: nn.Module, teacher: nn.Module, data=None, *, tokenizer=None,
         (:func:`kronlab.evaluate.perplexity`, first ``eval_tokens`` tokens, ``window``)
         before training, every ``eval_every`` training tokens (0: never in between) and at
         the end: ``report.curve``. Training tokens that share a run of
-        :data:`~kronlab.defaults.HEAL_OVERLAP_NGRAM` tokens with the evaluated tokens, or a
+        :data:`~kronlab.defaults.HEAL_OVERLAP_NGRAM` tokens (``seq_len`` if shorter) with
+        the evaluated tokens, or a
         training text containing passages of an evaluation text or of a stored corpus's
         held-out part, raise ``ValueError`` (a warning with ``allow_overlap=True``).
     cache_teacher : ``False``: teacher logits on the fly (exact KL). A path: a folder of
@@ -637,8 +709,8 @@ def heal(student: nn.Module, teacher: nn.Module, data=None, *, tokenizer=None,
         built before training (or reused when it matches: same tokens, ``top_k``,
         temperature, and the same teacher on the first sequence); the loss is then
         :func:`topk_kl_divergence`, a lower bound of the KL. Size ``(8k + 4)`` bytes a
-        token: 34 MB for 65536 tokens at ``k = 64``, where full bfloat16 logits would take
-        6.4 GB (vocabulary 49152).
+        token: 25 MB for 49152 tokens at ``k = 64``, where full bfloat16 logits would take
+        4.8 GB (vocabulary 49152).
     checkpoint_dir, checkpoint_every, resume : with a folder, a checkpoint (trainable
         parameters, AdamW, scheduler, RNG states, data position, curves, timings) is
         written atomically to ``checkpoint_dir/heal-checkpoint.pt`` every
@@ -649,6 +721,11 @@ def heal(student: nn.Module, teacher: nn.Module, data=None, *, tokenizer=None,
         is an error; ``resume`` without one starts from the beginning.
     stop_after : stop after this many optimizer steps in all (counted from the start of
         the run, not of the session); ``report.finished`` is then False.
+    grad_checkpointing : recompute each decoder block in the backward pass instead of
+        storing its activations (about one more forward pass of time). ``"auto"``: when
+        the ``KronLinear`` intermediates of a micro-batch would exceed
+        :data:`~kronlab.defaults.HEAL_ACTIVATION_LIMIT` bytes
+        (:func:`kron_activation_bytes`). Same results either way, up to float rounding.
     seed : draws the training sequences from a text and seeds torch.
     device : where to train (default: the student's device). CUDA trains under bfloat16
         autocast with float32 weights and AdamW state.
@@ -682,6 +759,9 @@ def heal(student: nn.Module, teacher: nn.Module, data=None, *, tokenizer=None,
         raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+    if grad_checkpointing not in ("auto", True, False):
+        raise ValueError(f"grad_checkpointing must be 'auto', True or False, got "
+                         f"{grad_checkpointing!r}")
     if isinstance(data, torch.Tensor):
         seq_len = data.shape[1] if seq_len is None else seq_len
     elif seq_len is None:
@@ -741,6 +821,10 @@ def heal(student: nn.Module, teacher: nn.Module, data=None, *, tokenizer=None,
               else data_kind,
               "data_sha256": _sha256_tensor(seqs), "in_place": in_place,
               "autocast": "bfloat16" if device.type == "cuda" else None}
+    act = kron_activation_bytes(student, batch_size * seq_len, 2 if device.type == "cuda" else 4)
+    config["kron_activation_bytes"] = act
+    config["grad_checkpointing"] = bool(act > HEAL_ACTIVATION_LIMIT) \
+        if grad_checkpointing == "auto" else grad_checkpointing
 
     # ---- the student (a copy unless in_place) and the teacher on the device
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
@@ -767,14 +851,15 @@ def heal(student: nn.Module, teacher: nn.Module, data=None, *, tokenizer=None,
 def _check_disjoint(text, default: bool, seqs, eval_texts: dict, tokenizer, eval_tokens: int,
                     allow_overlap: bool) -> dict:
     """The overlap checks of :func:`heal`: a dict of what was measured; raise on overlap."""
-    overlap = {"ngram": HEAL_OVERLAP_NGRAM, "token_overlap": {}, "text_overlap": {},
+    n = min(HEAL_OVERLAP_NGRAM, seqs.shape[1])  # windows must fit in a training sequence
+    overlap = {"ngram": n, "token_overlap": {}, "text_overlap": {},
                "held_out_in_training_text": []}
     problems = []
     if isinstance(text, str):
         if not default:
-            overlap["held_out_in_training_text"] = _held_out_in(text)
+            overlap["held_out_in_training_text"] = held_out_in(text)
             problems += [f"the training text contains passages of the held-out part of the "
-                         f"stored corpus {n!r}" for n in overlap["held_out_in_training_text"]]
+                         f"stored corpus {c!r}" for c in overlap["held_out_in_training_text"]]
         for name, ev in eval_texts.items():
             f = overlap["text_overlap"][name] = text_overlap(text, ev)
             if f > 0:
@@ -785,9 +870,9 @@ def _check_disjoint(text, default: bool, seqs, eval_texts: dict, tokenizer, eval
 
         for name, ev in eval_texts.items():
             ids = encode(tokenizer, ev)[:eval_tokens]
-            f = overlap["token_overlap"][name] = token_overlap(seqs, ids)
+            f = overlap["token_overlap"][name] = token_overlap(seqs, ids, n)
             if f > 0:
-                problems.append(f"{f:.1%} of the {HEAL_OVERLAP_NGRAM}-token windows of eval "
+                problems.append(f"{f:.1%} of the {n}-token windows of eval "
                                 f"text {name!r} occur in the training tokens")
     if problems:
         msg = ("training and evaluation text overlap: " + "; ".join(problems)
@@ -897,6 +982,40 @@ def _train(model, teacher, seqs, config: dict, *, tokenizer, eval_texts: dict, c
     def crossed(every: int, step: int) -> bool:  # did step -> step + 1 pass a multiple?
         return bool(every) and ((step + 1) * per_step) // every != (step * per_step) // every
 
+    def train_step(step: int) -> tuple[dict, float | None, float]:
+        """One optimizer step (``accum`` micro-batches): mean losses, gradient norm, lr."""
+        opt.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "kl": 0.0, "nll": 0.0}
+        for micro in range(accum):
+            i0 = (step * accum + micro) * bs
+            x = seqs[i0:i0 + bs].to(device)
+            s_logits = logits_of(model, x, device)[:, :-1]
+            if cache is not None:
+                kl = topk_kl_divergence(s_logits, *cache.get(i0, i0 + bs, device),
+                                        temperature=T)
+            else:
+                with torch.no_grad():
+                    t_logits = logits_of(teacher, x, device)[:, :-1]
+                kl = kl_divergence(s_logits, t_logits, temperature=T)
+                del t_logits
+            with torch.set_grad_enabled(nll_w > 0):
+                nll = _nll(s_logits, x[:, 1:])
+            loss = kl_w * kl + nll_w * nll
+            (loss / accum).backward()
+            for key, v in (("loss", loss), ("kl", kl), ("nll", nll)):
+                sums[key] += float(v.detach()) / accum
+            del s_logits, loss, kl, nll
+        grad_norm = None
+        if c["max_grad_norm"] is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()),
+                                                             c["max_grad_norm"]))
+        lr_now = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return sums, grad_norm, lr_now
+
     if start == 0:
         evaluate(0)
     from tqdm.auto import tqdm
@@ -908,36 +1027,8 @@ def _train(model, teacher, seqs, config: dict, *, tokenizer, eval_texts: dict, c
             if stop_after is not None and step >= stop_after:
                 break
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "kl": 0.0, "nll": 0.0}
-            for micro in range(accum):
-                i0 = (step * accum + micro) * bs
-                x = seqs[i0:i0 + bs].to(device)
-                s_logits = _logits_of(model, x, device)[:, :-1]
-                if cache is not None:
-                    kl = topk_kl_divergence(s_logits, *cache.get(i0, i0 + bs, device),
-                                            temperature=T)
-                else:
-                    with torch.no_grad():
-                        t_logits = _logits_of(teacher, x, device)[:, :-1]
-                    kl = kl_divergence(s_logits, t_logits, temperature=T)
-                    del t_logits
-                with torch.set_grad_enabled(nll_w > 0):
-                    nll = _nll(s_logits, x[:, 1:])
-                loss = kl_w * kl + nll_w * nll
-                (loss / accum).backward()
-                for key, v in (("loss", loss), ("kl", kl), ("nll", nll)):
-                    sums[key] += float(v.detach()) / accum
-                del s_logits, loss, kl, nll
-            grad_norm = None
-            if c["max_grad_norm"] is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()),
-                                                                 c["max_grad_norm"]))
-            lr_now = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            with checkpointed_blocks(model, c["grad_checkpointing"]):
+                sums, grad_norm, lr_now = train_step(step)
             dt = time.perf_counter() - t0
             session_seconds += dt
             session_tokens += per_step
