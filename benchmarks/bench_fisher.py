@@ -9,6 +9,9 @@ the ratios share the machine's state):
   (dense G and C: the two-sided ALS, with its default activation-aware warm-up sweep);
 * ``two-sided, no warm-up``: the same with ``warmup_sweeps=0`` (every sweep two-sided);
 
+(at the thin shape, n1 = 1 makes C trivially Kronecker and the loss-aware fit is the exact
+one-sided reduction with G as the covariance, ``route`` in the rows, so the last two agree);
+
 all with the default starts and ``ALS_SWEEPS`` sweeps, and records each fit's loss-aware
 error ``relative_error(W, F, cov=C, gcov=G)``, its output error, and the loss-aware error of
 the closed-form low-rank fit (``low_rank(cov=C, gcov=G)``) with the same parameter count.
@@ -26,6 +29,7 @@ Regenerate ``data/results/bench_fisher.json`` (``rows``: one per shape, ratio an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -50,14 +54,23 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def _fit_into(fits: dict, name: str, W, C, G, a_shape, rank: int, sweeps: int) -> None:
+    """Fit by method ``name`` (one of METHODS) and keep the factors in ``fits[name]``."""
+    from kronlab import nearest_kronecker
+
+    extra = {} if name == "one-sided" else {"gcov": G}
+    if name == "two-sided, no warm-up":
+        extra["warmup_sweeps"] = 0
+    fits[name] = nearest_kronecker(W, a_shape, rank, cov=C, als_sweeps=sweeps, **extra)
+
+
 def measure(*, m: int = 1536, n: int = 576, shapes=((32, 24), (64, 1)), ratios=(0.8, 0.6),
             sweeps: int = ALS_SWEEPS, repeats: int = 2, seed: int = SEED, quick: bool = False) -> dict:
     """Time and score the three fits per (a_shape, ratio); returns the result file's dict."""
     import numpy as np
     import torch
 
-    from kronlab import (low_rank, low_rank_rank_for_budget, nearest_kronecker,
-                         relative_error)
+    from kronlab import low_rank, low_rank_rank_for_budget, relative_error
     from kronlab.runtime import machine_info, time_rounds
     from kronlab.synthetic import power_law_matrix, realistic_cov
 
@@ -75,22 +88,10 @@ def measure(*, m: int = 1536, n: int = 576, shapes=((32, 24), (64, 1)), ratios=(
         m2, n2 = m // m1, n // n1
         for ratio in ratios:
             r = min(int(ratio * m * n / (m1 * n1 + m2 * n2)), m1 * n1, m2 * n2)
-            kw = {"als_sweeps": sweeps}
             fits: dict = {}
-            calls = {
-                "one-sided": lambda: nearest_kronecker(W, (m1, n1), r, cov=C, **kw),
-                "two-sided": lambda: nearest_kronecker(W, (m1, n1), r, cov=C, gcov=G, **kw),
-                "two-sided, no warm-up": lambda: nearest_kronecker(W, (m1, n1), r, cov=C, gcov=G,
-                                                                   warmup_sweeps=0, **kw),
-            }
-
-            def keep(name):
-                def run():
-                    fits[name] = calls[name]()
-                return run
-
-            seconds = dict(zip(METHODS, time_rounds([keep(k) for k in METHODS], repeats=repeats,
-                                                    warmup=0)))
+            fns = [functools.partial(_fit_into, fits, name, W, C, G, (m1, n1), r, sweeps)
+                   for name in METHODS]
+            seconds = dict(zip(METHODS, time_rounds(fns, repeats=repeats, warmup=0), strict=True))
             params = fits["two-sided"].num_params
             r_lr = low_rank_rank_for_budget(m, n, params)
             e_lr = relative_error(W, low_rank(W, r_lr, cov=C, gcov=G), cov=C, gcov=G)
@@ -105,15 +106,17 @@ def measure(*, m: int = 1536, n: int = 576, shapes=((32, 24), (64, 1)), ratios=(
                        "fisher_error": relative_error(W, F, cov=C, gcov=G),
                        "output_error": relative_error(W, F, cov=C),
                        "lowrank_rank": r_lr, "lowrank_fisher_error": e_lr,
+                       "route": info.get("als", info.get("method")),
                        "start": info.get("start"), "solver": info.get("solver"),
-                       "preconditioner": info.get("preconditioner"),
-                       "sweeps": info.get("sweeps", ["one-sided"] * int(info.get("iterations", 0))),
+                       "preconditioner": info.get("preconditioner"), "sweeps": info.get("sweeps"),
+                       "iterations": info.get("iterations"),
                        "cg_iterations": info.get("cg_iterations")}
                 rows.append(row)
                 say(f"  {name:22s} {row['seconds']:7.2f} s = {row['time_vs_one_sided']:5.2f}x "
                     f"one-sided; loss-aware error {row['fisher_error']:.4f}, output error "
-                    f"{row['output_error']:.4f} (start {row['start']}, solver {row['solver']}, "
-                    f"preconditioner {row['preconditioner']}, sweeps {row['sweeps']})")
+                    f"{row['output_error']:.4f} ({row['route']}; start {row['start']}, "
+                    f"{row['iterations']} sweeps {row['sweeps'] or ''}, solver {row['solver']}, "
+                    f"preconditioner {row['preconditioner']})")
             say(f"  {'low rank (closed form)':22s} rank {r_lr}: loss-aware error {e_lr:.4f}")
             summary.append({"a_shape": [m1, n1], "ratio": ratio, "rank": r,
                             "two_sided_vs_one_sided": seconds["two-sided"] / seconds["one-sided"],
