@@ -16,7 +16,7 @@ help:
 	@echo "make test         run the test suite"
 	@echo "make screenshots  headless-Chromium screenshots of the built book into _build/screenshots"
 	@echo "make bench        run the benchmarks, results into data/results"
-	@echo "make results      rerun the LLM experiments that the book reads from data/results"
+	@echo "make results      rerun the LLM experiments that the book reads from data/results (DEVICE=cuda)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,11 +49,18 @@ screenshots: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_nkp.py
+	$(PY) benchmarks/bench_fisher.py
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_compress.py
+	$(PY) benchmarks/bench_heal.py
 
+# the recorded LLM experiments (hours on 2 CPU cores; add DEVICE=cuda on a GPU)
+DEVICE ?= cpu
 results: $(STAMP)
-	$(PY) scripts/run_llm_experiments.py
+	$(PY) scripts/record_dense.py
+	$(PY) scripts/run_llm_experiments.py --methods kron-aa svd-aa kron-fisher svd-fisher \
+	  --ratios 0.8 0.6 --macs-cap 1.0 --device $(DEVICE) --out data/results/llm_fisher_sweep.json --resume
+	$(PY) scripts/layer_damage.py --device $(DEVICE) --resume
 
 clean:
 	rm -rf _build

@@ -27,6 +27,8 @@ from pathlib import Path
 from .paths import figures_dir, repo_root, results_dir, write_atomic
 
 __all__ = [
+    "ALL_METHODS",
+    "FISHER_METHODS",
     "METHODS",
     "METHOD_STYLE",
     "glue",
@@ -39,18 +41,30 @@ __all__ = [
     "style",
 ]
 
-#: The four methods every chapter compares, in the order of its tables and legends.
+#: The four methods every chapter compares, in the order of its tables and legends: the
+#: ones that need at most the activation covariance ``C`` (:func:`kronlab.fit_methods`
+#: fits each of them on one matrix).
 METHODS = ("kron", "kron-aa", "svd", "svd-aa")
+#: The loss-aware (K-FAC Fisher) methods, which also need the output-gradient covariance
+#: ``G`` (:func:`kronlab.calibration.collect_statistics`).
+FISHER_METHODS = ("kron-fisher", "svd-fisher")
+#: Every method with a style, in legend order: Kronecker sums, then low rank.
+ALL_METHODS = ("kron", "kron-aa", "kron-fisher", "svd", "svd-aa", "svd-fisher")
 
 #: One matplotlib style per method (and per layer class, ``KronLinear`` drawn as ``kron``,
-#: ``LowRankLinear`` as ``svd``): colour tells the method, the marker the family (Kronecker
-#: sum or low rank), a solid line an activation-aware fit and a dashed one a plain fit.
+#: ``LowRankLinear`` as ``svd``). The hue family tells the family: blues and purples for
+#: Kronecker sums (``kron-*``), reds and oranges for low rank (``svd-*``); each method has
+#: its own colour. The marker tells the objective (circle/square: weight or activation
+#: aware, diamond: loss aware, Fisher), a solid line a data-aware fit and a dashed one a
+#: plain fit. The first five keep their markers and lines of earlier versions.
 METHOD_STYLE = {
-    "kron": {"color": "C0", "marker": "o", "ls": "--"},
-    "kron-aa": {"color": "C1", "marker": "o", "ls": "-"},
-    "svd": {"color": "C2", "marker": "s", "ls": "--"},
-    "svd-aa": {"color": "C3", "marker": "s", "ls": "-"},
-    "kron-aa-perm": {"color": "C4", "marker": "^", "ls": "-"},
+    "kron": {"color": "#6baed6", "marker": "o", "ls": "--"},
+    "kron-aa": {"color": "#2171b5", "marker": "o", "ls": "-"},
+    "kron-fisher": {"color": "#08306b", "marker": "D", "ls": "-"},
+    "svd": {"color": "#fd8d3c", "marker": "s", "ls": "--"},
+    "svd-aa": {"color": "#d94801", "marker": "s", "ls": "-"},
+    "svd-fisher": {"color": "#7f2704", "marker": "D", "ls": "-"},
+    "kron-aa-perm": {"color": "#6a51a3", "marker": "^", "ls": "-"},
 }
 _LAYER_METHOD = {"KronLinear": "kron", "kron": "kron", "LowRankLinear": "svd", "lowrank": "svd"}
 
@@ -63,7 +77,7 @@ def style(method: str, **overrides) -> dict:
     class: ``"lowrank"``/``"LowRankLinear"`` draw as ``svd``), with ``label=method``.
 
     >>> style("kron-aa", lw=2)
-    {'color': 'C1', 'marker': 'o', 'ls': '-', 'label': 'kron-aa', 'lw': 2}
+    {'color': '#2171b5', 'marker': 'o', 'ls': '-', 'label': 'kron-aa', 'lw': 2}
     """
     key = _LAYER_METHOD.get(method, method)
     if key not in METHOD_STYLE:

@@ -7,6 +7,8 @@ a missing or malformed file fails with an error that names the command that writ
   :func:`sweep_frame`, :func:`sweep_command`, :func:`sweep_prompt`,
   :func:`error_ppl_correlation`;
 - ``dense_smollm2.json``, written by ``scripts/record_dense.py``: :func:`dense_reference`;
+- ``layer_damage.json``, written by ``scripts/layer_damage.py``: :func:`load_layer_damage`,
+  :func:`damage_frame`;
 - ``bench_nkp.json``, ``bench_layers.json``, ``bench_compress.json``, written by
   ``benchmarks/<name>.py``: :func:`load_benchmark`.
 
@@ -38,10 +40,13 @@ __all__ = [
     "BENCHMARKS",
     "DENSE_COMMAND",
     "SWEEP_COMMAND",
+    "LAYER_DAMAGE_COMMAND",
     "SWEEP_PROMPT",
+    "damage_frame",
     "dense_reference",
     "error_ppl_correlation",
     "load_benchmark",
+    "load_layer_damage",
     "load_sweep",
     "sweep_command",
     "sweep_config",
@@ -51,6 +56,7 @@ __all__ = [
 
 SWEEP_COMMAND = "python scripts/run_llm_experiments.py"
 DENSE_COMMAND = ".venv/bin/python scripts/record_dense.py"
+LAYER_DAMAGE_COMMAND = ".venv/bin/python scripts/layer_damage.py"
 #: Benchmark name (the file ``data/results/<name>.json``) -> the command that writes it.
 BENCHMARKS = {
     "bench_nkp": ".venv/bin/python benchmarks/bench_nkp.py",
@@ -120,6 +126,60 @@ def dense_reference(path=None) -> dict:
         raise ValueError(f"{path} is not a dense-model reference (missing keys {missing}); "
                          f"rewrite it with `{DENSE_COMMAND}`")
     return data
+
+
+# ----------------------------------------------------------------------------- layer damage
+
+#: Columns of :func:`damage_frame`, in order (a row of ``layer_damage.json`` may lack some).
+DAMAGE_COLUMNS = ("layer", "block", "type", "ratio", "method", "rank", "a_shape", "b_shape",
+                  "params", "dense_params", "weight_error", "output_error", "fisher_error",
+                  "kfac_increase", "calib_increase", "eval_increase", "eval_ppl")
+
+
+def load_layer_damage(path=None) -> dict:
+    """The layer-damage study: ``data/results/layer_damage.json`` (or ``path``).
+
+    Written by ``scripts/layer_damage.py`` (one layer compressed alone per row, its
+    errors e_W, e_Y, e_F, the K-FAC predicted loss increase and the measured increases).
+    Returns the file's dict: ``config``, ``rows`` (a list of dicts), ``dense``,
+    ``correlations``, ``sessions`` (each with its ``machine``). A missing file raises
+    ``FileNotFoundError`` naming the script; a file without ``config`` and a list
+    ``rows`` raises ``ValueError``.
+    """
+    path = results_dir() / "layer_damage.json" if path is None else Path(path)
+    data = _read_json(path, "layer-damage study", LAYER_DAMAGE_COMMAND)
+    if "config" not in data or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} is not a layer-damage study (expected keys 'config' and a "
+                         f"list 'rows'); rewrite it with `{LAYER_DAMAGE_COMMAND}`")
+    return data
+
+
+def damage_frame(data: dict) -> pd.DataFrame:
+    """One row per (layer, ratio, method) of a layer-damage study (:func:`load_layer_damage`).
+
+    Columns :data:`DAMAGE_COLUMNS` (``a_shape``/``b_shape`` as tuples; a missing value is
+    NaN). A (layer, ratio, method) recorded twice (a resumed run) keeps its last row.
+    Sorted by block, type, ratio (descending) and method.
+    """
+    import pandas as pd
+
+    rows = []
+    for r in data["rows"]:
+        row = {k: r.get(k) for k in DAMAGE_COLUMNS}
+        for k in ("a_shape", "b_shape"):
+            if row[k] is not None:
+                row[k] = tuple(row[k])
+        row["ratio"] = float(row["ratio"]) if row["ratio"] is not None else None
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=list(DAMAGE_COLUMNS))
+    if len(df):
+        df = df.drop_duplicates(["layer", "ratio", "method"], keep="last")
+        num = ["weight_error", "output_error", "fisher_error", "kfac_increase",
+               "calib_increase", "eval_increase", "eval_ppl"]
+        df[num] = df[num].astype(float)
+        df = df.sort_values(["block", "type", "ratio", "method"],
+                            ascending=[True, True, False, True]).reset_index(drop=True)
+    return df
 
 
 # ----------------------------------------------------------------------------- LLM sweeps

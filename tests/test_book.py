@@ -194,9 +194,13 @@ def test_notebook_result_paths(monkeypatch, tmp_path):
 
 
 def test_notebook_styles_and_lists():
-    from kronlab.notebook import METHOD_STYLE, METHODS, join_and, style
+    from kronlab.compress import METHODS as COMPRESS_METHODS
+    from kronlab.notebook import ALL_METHODS, FISHER_METHODS, METHOD_STYLE, METHODS, join_and, style
 
-    assert set(METHODS) <= set(METHOD_STYLE)
+    assert set(METHODS) | set(FISHER_METHODS) == set(ALL_METHODS) <= set(METHOD_STYLE)
+    assert set(ALL_METHODS) <= set(COMPRESS_METHODS)
+    # the Fisher variants have their own marker, shared by both families
+    assert style("kron-fisher")["marker"] == style("svd-fisher")["marker"] != style("kron-aa")["marker"]
     colours = [METHOD_STYLE[m]["color"] for m in METHOD_STYLE]
     assert len(set(colours)) == len(colours), "two methods share a colour"
     assert style("lowrank")["color"] == style("svd")["color"]

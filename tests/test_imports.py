@@ -23,6 +23,9 @@ ALLOWED = {
     # white-box check of the ALS preconditioner's blocks against the dense Gram matrix:
     # the preconditioner has no public surface, and its correctness is what keeps CG exact
     ("tests/test_nkp.py", "_Problem"),
+    # the same for the two-sided (Fisher) ALS: its Gram operator and preconditioners are
+    # checked against a Gram matrix built from np.kron, and its objective against the trace
+    ("tests/test_fisher.py", "_Problem2"),
 }
 
 

@@ -286,3 +286,47 @@ def test_converted_nkp_rows_equal_the_text():
                                r["seconds"], r["n_layers"]]
         assert _nums(err) == [r["error_plain"], r["error_als"], r["error_als_variance"],
                               r["seconds_variance"], r["lowrank_rank"], r["error_lowrank"]]
+
+
+# ----------------------------------------------------------------------------- layer damage
+
+def _damage_row(layer="model.layers.0.mlp.up_proj", ratio=0.8, method="kron-aa", inc=0.01):
+    return {"layer": layer, "block": 0, "type": layer.split(".", 3)[3], "shape": [1536, 576],
+            "ratio": ratio, "method": method, "rank": 3, "a_shape": [32, 24],
+            "b_shape": [48, 24], "params": 100, "dense_params": 884736,
+            "weight_error": 0.3, "output_error": 0.2, "fisher_error": 0.1,
+            "kfac_increase": inc / 2, "calib_increase": inc, "eval_increase": inc,
+            "eval_ppl": 28.0}
+
+
+def test_damage_frame_one_row_per_layer_ratio_method(tmp_path):
+    rows = [_damage_row(), _damage_row(method="svd"), _damage_row(ratio=0.6),
+            _damage_row(inc=0.5)]  # the last repeats the first (a resumed run): it wins
+    path = tmp_path / "ld.json"
+    path.write_text(json.dumps({"config": {"blocks": [0]}, "rows": rows}))
+    df = results.damage_frame(results.load_layer_damage(path))
+    assert len(df) == 3
+    assert not df.duplicated(["layer", "ratio", "method"]).any()
+    assert list(df.columns) == list(results.DAMAGE_COLUMNS)
+    kept = df[(df.method == "kron-aa") & (df.ratio == 0.8)]
+    assert kept.calib_increase.item() == 0.5 and kept.a_shape.item() == (32, 24)
+    assert list(df.ratio) == sorted(df.ratio, reverse=True)
+    assert results.damage_frame({"config": {}, "rows": []}).empty
+
+
+def test_load_layer_damage_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="scripts/layer_damage.py"):
+        results.load_layer_damage(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"config": {}}))
+    with pytest.raises(ValueError, match="scripts/layer_damage.py"):
+        results.load_layer_damage(bad)
+
+
+def test_recorded_layer_damage_loads():
+    df = results.damage_frame(results.load_layer_damage())
+    assert len(df) > 0
+    from kronlab.compress import METHODS
+
+    assert set(df.method) <= set(METHODS)
+    assert (df.weight_error >= 0).all() and (df.output_error >= 0).all()
