@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     for item in items:
-        if isinstance(item, pytest.DoctestItem) and item.name.startswith(SLOW_DOCTESTS):
+        if isinstance(item, pytest.DoctestItem) and item.name in SLOW_DOCTESTS:
             item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return

@@ -448,14 +448,15 @@ def test_plain_method_without_calibration_and_overwrite(tiny_dir, tmp_path, caps
 def test_cli_compress_then_evaluate_smollm2(tmp_path):
     out = tmp_path / "small"
     args = [sys.executable, "-m", "kronlab", "compress", "--method", "kron-aa", "--ratio", "0.5",
-            "--layers", "model.layers.0.mlp.*", "--calib-tokens", "512", "--seq-len", "128",
+            "--layers", "model.layers.0.self_attn.[kv]_proj", "--calib-tokens", "512",
+            "--seq-len", "128",
             "--out", str(out)]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 layers, kron-aa" in proc.stdout
+    assert "2 layers, kron-aa" in proc.stdout
     assert "saving in bfloat16" in proc.stdout
     saved = json.loads((out / "kronlab.json").read_text())
-    assert len(saved["modules"]) == 3 and saved["model_dtype"] == "bfloat16"
+    assert len(saved["modules"]) == 2 and saved["model_dtype"] == "bfloat16"
     assert saved["config_extra"]["sizes"]["source_file_bytes"] > 50e6  # the GGUF
     res = tmp_path / "res.json"
     proc = subprocess.run([sys.executable, "-m", "kronlab", "evaluate", "--model", str(out),
@@ -463,6 +464,6 @@ def test_cli_compress_then_evaluate_smollm2(tmp_path):
                            "--json", str(res)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ppl = json.loads(res.read_text())["perplexity"]["austen"]
-    # Layer 0's MLP at half its parameters hurts a lot (see the book); here only the
+    # Half of layer 0's k and v parameters may hurt (see the book); here only the
     # wiring is checked: a finite perplexity over exactly the requested tokens.
     assert ppl["n_tokens"] == 1024 and math.isfinite(ppl["perplexity"]) and ppl["perplexity"] > 1
