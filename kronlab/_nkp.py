@@ -53,6 +53,9 @@ from .defaults import (
 
 __all__ = [
     "ALS_STARTS",
+    "FisherObjective",
+    "HalfStep",
+    "TwoSidedHalfStep",
     "GCOV_MAX_DAMPING",
     "als_refine",
     "damped_cov",
@@ -215,7 +218,7 @@ def kronecker_factor_cov(C, n1: int, *, damping: float = DAMPING):
 
 # ----------------------------------------------------------------------------- ALS
 
-class _Problem:
+class HalfStep:
     """The quadratic in the left factor ``X`` (r, p1, q1) with the right factor ``F`` fixed.
 
     ``W_hat = sum_i X_i kron F_i``; ``C`` is in this orientation's column order, ``RWC`` is
@@ -389,8 +392,8 @@ def _als(W, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None, ve
     WC = obj.WC
     RWC = rearrange(WC, (m1, n1))
     Cs = _commute(C, n1, n2, n1, n2)
-    pa = _Problem(C, RWC, m1, n1, m2, n2)
-    pb = _Problem(Cs, RWC.T.contiguous(), m2, n2, m1, n1)
+    pa = HalfStep(C, RWC, m1, n1, m2, n2)
+    pb = HalfStep(Cs, RWC.T.contiguous(), m2, n2, m1, n1)
     if solver == "auto":
         solver = "direct" if r * max(n1, n2) <= DIRECT_SOLVER_MAX else "cg"
     if solver not in ("direct", "cg"):
@@ -460,7 +463,7 @@ def _right(E, C):
     return E @ C
 
 
-class _FisherObjective:
+class FisherObjective:
     """``f(A, B) = tr(G E C E^T) = <G E C, E>``, ``E = W - W_hat``, computed densely.
 
     G and C are each None (identity), a Kronecker pair or dense. ``G W C`` is computed
@@ -507,13 +510,13 @@ def _chol_damped(M):
     return Lf.reshape(M.shape)
 
 
-class _Problem2:
+class TwoSidedHalfStep:
     """The quadratic in the left factor ``X`` (r, p1, q1) under ``f = tr(G E C E^T)``, F fixed.
 
     ``W_hat(X) = sum_i X_i kron F_i``. Setting the gradient to zero gives the normal
     equations ``Gram(X) = H`` with the Gram operator ``Gram(X) = R(G W_hat(X) C) Fhat^T`` and
     ``H = R(G W C) Fhat^T`` (``RGWC`` holds ``R(G W C)``). Unlike the one-sided problem
-    (:class:`_Problem`) the p1 rows of X's blocks couple through G: one system of
+    (:class:`HalfStep`) the p1 rows of X's blocks couple through G: one system of
     ``r p1 q1`` unknowns. ``gfac = (G1, G2)`` and ``cfac = (C1, C2)`` are SPD Kronecker
     approximations ``G ~ G1 kron G2`` (p1, p2) and ``C ~ C1 kron C2`` (q1, q2), used only by
     the preconditioner. The B-step uses the same code on the commuted problem.
@@ -594,7 +597,7 @@ class _Problem2:
         with ``G_aa`` the (a, a) diagonal block (p2 x p2) of G. It keeps C's structure and
         G's within-row structure exactly (heavy-tailed channel scales on both sides) and
         drops only G's coupling between rows and the coupling between terms; with G = I it
-        is the one-sided preconditioner of :class:`_Problem`, row by row. Cost
+        is the one-sided preconditioner of :class:`HalfStep`, row by row. Cost
         ``p1 r (p2 q2 (p2 + q2) + n^2)`` to build, ``p1 r q1^3 / 3`` to factor,
         ``2 r p1 q1^2`` per application; memory ``p1 r q1^2``.
 
@@ -721,7 +724,7 @@ class _Problem2:
         return X, steps
 
 
-#: the preconditioners of the two-sided CG half-steps (see :meth:`_Problem2.preconditioner`)
+#: the preconditioners of the two-sided CG half-steps (see :meth:`TwoSidedHalfStep.preconditioner`)
 PRECONDITIONERS = ("auto", "rows", "cols", "kron", "block")
 #: largest preconditioner (elements) "auto" builds, and its largest build cost in Gram products
 _PRECOND_MEM = 2**25
@@ -753,7 +756,7 @@ def _als2(W, G, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None
     :func:`als_refine`. ``f0``: f at (A, B) when already known."""
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
-    obj = _FisherObjective(W, G, C) if obj is None else obj
+    obj = FisherObjective(W, G, C) if obj is None else obj
     RGWC = rearrange(obj.GWC, (m1, n1))
     if solver == "auto":
         solver = "direct" if r * max(m1 * n1, m2 * n2) <= DIRECT_SOLVER_MAX else "cg"
@@ -769,8 +772,8 @@ def _als2(W, G, C, A, B, *, max_iter, tol, solver, cg_max_iter, cg_tol, obj=None
     if solver == "cg" and {"kron", "block"} & set(kinds.values()):
         gfac = kronecker_factor_cov(G, m1)
         cfac = kronecker_factor_cov(C, n1)
-    pa = _Problem2(G, C, RGWC, m1, n1, m2, n2, gfac, cfac)
-    pb = _Problem2(_commute(G, m1, m2, m1, m2), _commute(C, n1, n2, n1, n2), RGWC.T.contiguous(),
+    pa = TwoSidedHalfStep(G, C, RGWC, m1, n1, m2, n2, gfac, cfac)
+    pb = TwoSidedHalfStep(_commute(G, m1, m2, m1, m2), _commute(C, n1, n2, n1, n2), RGWC.T.contiguous(),
                    m2, n2, m1, n1, gfac[::-1], cfac[::-1])
     f = obj(A, B) if f0 is None else f0
     history = [f]
@@ -1000,7 +1003,7 @@ def als_refine(W, cov, init: KronFactors, *, gcov=None, als_sweeps: int = ALS_SW
     minimiser. ``solver="cg"`` runs at most ``cg_max_iter`` preconditioned CG steps from the
     current iterate, each one product with the Gram operator (cost ``2 r m n + m^2 n + m n^2``,
     no Kronecker product or Gram formed), so f never increases. ``preconditioner`` (CG only,
-    see :meth:`_Problem2.preconditioner`): ``"rows"`` / ``"cols"`` (block-Jacobi with the
+    see :meth:`TwoSidedHalfStep.preconditioner`): ``"rows"`` / ``"cols"`` (block-Jacobi with the
     exact diagonal blocks of the Gram per (term, row of the factor's blocks) / per (term,
     column): C's and G's heavy-tailed channel scales are kept), ``"kron"`` (the whole Gram
     under the nearest Kronecker factorisations of G and C: exact when they are Kronecker and
@@ -1050,7 +1053,7 @@ def _als_refine_fisher(Wt, cov, gcov, init, like, t0, **kw):
         C = torch.kron(*C) if kind == "kron" else C
     A = to_work(init.A, Wt.device, name="init.A")
     B = to_work(init.B, Wt.device, name="init.B")
-    obj = _FisherObjective(Wt, G, C)
+    obj = FisherObjective(Wt, G, C)
     A, B, history, als_info = _als2(Wt, G, C, A, B, obj=obj, **kw)
     A, B, sv = _orthogonalize(A, B)
     tot = obj.total
@@ -1309,7 +1312,7 @@ def _nearest_kronecker_fisher(Wt, dims, r, kind, C, gkind, G, start, permute, *,
         Gd, glam = damped_cov(G, gdamping, name="gcov", max_damping=max(GCOV_MAX_DAMPING, gdamping))
     else:
         Gd, Groot, Groot_inv, glam = _damped_pair(G, gdamping, "gcov", valid_g)
-    obj = _FisherObjective(Wt, Gd, Cd)
+    obj = FisherObjective(Wt, Gd, Cd)
     starts: dict = {}
     if isinstance(start, KronFactors):
         A0, B0 = to_work(start.A, Wt.device), to_work(start.B, Wt.device)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 __all__ = [
+    "settings_differences",
     "BENCHMARKS",
     "DENSE_COMMAND",
     "SWEEP_COMMAND",
@@ -287,3 +288,17 @@ def error_ppl_correlation(frame: pd.DataFrame, corpus: str) -> dict:
         ok = len(d) >= 3 and d[c].nunique() > 1 and d[col].nunique() > 1
         out[key] = float(d[col].corr(d[c], method="spearman")) if ok else float("nan")
     return out
+
+
+def settings_differences(old_config: dict, config: dict, plan_keys) -> list[str]:
+    """The results-defining settings (all but ``plan_keys``) on which two configs differ.
+
+    A recorded file can be resumed (``--resume``) only when this is empty: the plan keys
+    (which runs) may differ, everything else defines what the numbers mean.
+
+    >>> settings_differences({"ratios": [0.8], "seed": 0}, {"ratios": [0.6], "seed": 1}, ["ratios"])
+    ['seed']
+    """
+    same = {k: v for k, v in config.items() if k not in plan_keys}
+    old_same = {k: v for k, v in old_config.items() if k not in plan_keys}
+    return sorted(k for k in set(same) | set(old_same) if same.get(k) != old_same.get(k))

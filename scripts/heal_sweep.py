@@ -58,6 +58,7 @@ from kronlab.defaults import (  # noqa: E402
     WINDOW,
 )
 from kronlab.paths import repo_root, results_dir, write_atomic  # noqa: E402
+from kronlab.results import settings_differences  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 NAME = "heal_sweep"
@@ -140,10 +141,8 @@ def main(argv=None) -> int:
                "dense": {}, "runs": []}
     if args.resume and out.exists():
         old = json.loads(out.read_text())
-        same = {k: v for k, v in config.items() if k not in PLAN_KEYS}
-        old_same = {k: v for k, v in old["config"].items() if k not in PLAN_KEYS}
-        if same != old_same:
-            diff = sorted(k for k in set(same) | set(old_same) if same.get(k) != old_same.get(k))
+        diff = settings_differences(old["config"], config, PLAN_KEYS)
+        if diff:
             raise SystemExit(f"--resume: {out} was made with different settings {diff}; use "
                              "another --out")
         results = old

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from kronlab.defaults import CALIB_TOKENS, CALIBRATION, SEED, SEQ_LEN, THREADS, WINDOW  # noqa: E402
 from kronlab.paths import results_dir, write_atomic  # noqa: E402
+from kronlab.results import settings_differences  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 __all__ = ["build_parser", "calibration_nll", "correlations", "main", "spearman"]
@@ -217,10 +218,8 @@ def main(argv=None) -> int:
                "statistics": {}, "dense": {}, "rows": [], "correlations": {}}
     if args.resume and out.exists():
         old = json.loads(out.read_text())
-        same = {k: v for k, v in config.items() if k not in PLAN_KEYS}
-        old_same = {k: v for k, v in old["config"].items() if k not in PLAN_KEYS}
-        if same != old_same:
-            diff = sorted(k for k in set(same) | set(old_same) if same.get(k) != old_same.get(k))
+        diff = settings_differences(old["config"], config, PLAN_KEYS)
+        if diff:
             raise SystemExit(f"--resume: {out} was made with different settings {diff}; "
                              "use another --out")
         results = old

@@ -43,7 +43,7 @@ from kronlab.defaults import (  # noqa: E402
     WINDOW,
 )
 from kronlab.paths import results_dir, write_atomic  # noqa: E402
-from kronlab.results import SWEEP_PROMPT, sweep_config  # noqa: E402
+from kronlab.results import SWEEP_PROMPT, settings_differences, sweep_config  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 PROMPT = SWEEP_PROMPT
@@ -137,10 +137,8 @@ def main(argv=None) -> int:
         # Runs can be added to a file whose results-defining settings match; the plan
         # (methods, ratios, macs-matched) recorded in it becomes the union of both.
         old_config = sweep_config(old)  # older files: als_iters -> als_sweeps
-        same = {k: v for k, v in config.items() if k not in PLAN_KEYS}
-        old_same = {k: v for k, v in old_config.items() if k not in PLAN_KEYS}
-        if same != old_same or old.get("prompt", PROMPT) != PROMPT:
-            diff = sorted(k for k in set(same) | set(old_same) if same.get(k) != old_same.get(k))
+        diff = settings_differences(old_config, config, PLAN_KEYS)
+        if diff or old.get("prompt", PROMPT) != PROMPT:
             raise SystemExit(f"--resume: {out} was made with different settings "
                              f"{diff or ['prompt']}; use another --out")
         results = old

@@ -232,15 +232,15 @@ def test_two_sided_als_monotone_and_beats_its_start(shape, seed, solver):
 def test_direct_half_steps_are_exact_minimisers(seed, shape):
     """After an exact A-step (and, after a whole sweep, the B-step) no perturbation of the
     stepped factor lowers f; the objective is the dense trace."""
-    from kronlab._nkp import _FisherObjective, _Problem2
+    from kronlab import FisherObjective, TwoSidedHalfStep
 
     m1, n1, m2, n2 = shape
     rng, W, G, C = problem(shape, seed)
     r = 2
     Wt, Gt, Ct = (torch.from_numpy(x) for x in (W, G, C))
     A0, B0 = torch.from_numpy(rng.standard_normal((r, m1, n1))), torch.from_numpy(rng.standard_normal((r, m2, n2)))
-    obj = _FisherObjective(Wt, Gt, Ct)
-    prob = _Problem2(Gt, Ct, rearrange(obj.GWC, (m1, n1)), m1, n1, m2, n2)
+    obj = FisherObjective(Wt, Gt, Ct)
+    prob = TwoSidedHalfStep(Gt, Ct, rearrange(obj.GWC, (m1, n1)), m1, n1, m2, n2)
     A1, _ = prob.solve_direct(B0, A0)
     f1 = obj(A1, B0)
     assert np.isclose(f1, fisher(W, G, C, kron_sum(A1.numpy(), B0.numpy())), rtol=1e-10)
@@ -270,8 +270,8 @@ def test_cg_matches_direct_when_converged(seed, preconditioner):
 
 
 def _gram_and_operators(shape, G, C, F):
-    """The dense Gram M^T (G kron C) M of the A-step (M: X -> sum_i X_i kron F_i) and _Problem2."""
-    from kronlab._nkp import _Problem2, kronecker_factor_cov
+    """The dense Gram M^T (G kron C) M of the A-step (M: X -> sum_i X_i kron F_i) and TwoSidedHalfStep."""
+    from kronlab import TwoSidedHalfStep, kronecker_factor_cov
 
     p1, q1, p2, q2 = shape
     r = F.shape[0]
@@ -279,7 +279,7 @@ def _gram_and_operators(shape, G, C, F):
     M = np.stack([kron_sum(e.reshape(r, p1, q1), F).ravel() for e in np.eye(N)], 1)
     Gram = M.T @ np.kron(G, C) @ M
     Gt, Ct = torch.from_numpy(G), torch.from_numpy(C)
-    prob = _Problem2(Gt, Ct, None, p1, q1, p2, q2, kronecker_factor_cov(Gt, p1, damping=0.0),
+    prob = TwoSidedHalfStep(Gt, Ct, None, p1, q1, p2, q2, kronecker_factor_cov(Gt, p1, damping=0.0),
                      kronecker_factor_cov(Ct, q1, damping=0.0))
     return Gram, prob
 

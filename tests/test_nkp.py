@@ -200,7 +200,7 @@ def test_cg_matches_direct_when_converged(seed):
 @pytest.mark.parametrize("zero_term", [False, True])
 def test_cg_preconditioner_is_block_inverse_of_gram(zero_term):
     """Block-Jacobi: G_ii^{-1} on each term's block of the dense Gram; a zero term stays finite."""
-    from kronlab._nkp import _Problem
+    from kronlab import HalfStep
 
     rng = np.random.default_rng(0)
     p1, q1, p2, q2, r = 3, 4, 2, 5, 3
@@ -209,7 +209,7 @@ def test_cg_preconditioner_is_block_inverse_of_gram(zero_term):
     F = torch.from_numpy(rng.standard_normal((r, p2, q2)))
     if zero_term:
         F[1] = 0.0
-    prob = _Problem(C, rearrange(W @ C, (p1, q1)), p1, q1, p2, q2)
+    prob = HalfStep(C, rearrange(W @ C, (p1, q1)), p1, q1, p2, q2)
     G = prob.gram(F).reshape(r, q1, r, q1)
     R = torch.from_numpy(rng.standard_normal((p1, r, q1)))
     Z = prob._preconditioner(F)(R)
