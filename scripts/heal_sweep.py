@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
     p.add_argument("--calib-seq-len", type=int, default=SEQ_LEN)
     p.add_argument("--als-sweeps", type=int, default=ALS_SWEEPS)
+    p.add_argument("--macs-cap", type=float, default=None,
+                   help="Kronecker methods only: keep each layer's forward MACs within this "
+                        "fraction of the dense layer's (the recorded sweep's best kron-fisher "
+                        "used 1.0)")
     p.add_argument("--text", nargs="+", default=list(HEAL_TEXTS),
                    help="training texts: stored corpora (their calibration parts) or files")
     p.add_argument("--tokens", type=int, default=HEAL_TOKENS, help="training tokens per run")
@@ -199,6 +203,8 @@ def main(argv=None) -> int:
             student, report = compress(model, method=method, ratio=ratio, covariances=stats.cov,
                                        gcovariances=stats.gcov if method.endswith("-fisher")
                                        else None, als_sweeps=args.als_sweeps,
+                                       macs_ratio=args.macs_cap if method.startswith("kron")
+                                       else None,
                                        permute=PERMUTE if method == "kron-aa" else None,
                                        shape_policy=SHAPE_POLICY, device=args.device,
                                        progress=False)
