@@ -9,6 +9,8 @@ a missing or malformed file fails with an error that names the command that writ
 - ``dense_smollm2.json``, written by ``scripts/record_dense.py``: :func:`dense_reference`;
 - ``layer_damage.json``, written by ``scripts/layer_damage.py``: :func:`load_layer_damage`,
   :func:`damage_frame`;
+- ``heal_sweep.json``, written by ``scripts/heal_sweep.py``: :func:`load_heal`,
+  :func:`heal_frame`, :func:`heal_curves`;
 - ``bench_nkp.json``, ``bench_layers.json``, ``bench_compress.json``, written by
   ``benchmarks/<name>.py``: :func:`load_benchmark`.
 
@@ -47,6 +49,10 @@ __all__ = [
     "dense_reference",
     "error_ppl_correlation",
     "load_benchmark",
+    "load_heal",
+    "heal_frame",
+    "heal_curves",
+    "HEAL_COMMAND",
     "load_layer_damage",
     "load_sweep",
     "sweep_command",
@@ -58,6 +64,7 @@ __all__ = [
 SWEEP_COMMAND = "python scripts/run_llm_experiments.py"
 DENSE_COMMAND = ".venv/bin/python scripts/record_dense.py"
 LAYER_DAMAGE_COMMAND = ".venv/bin/python scripts/layer_damage.py"
+HEAL_COMMAND = ".venv/bin/python scripts/heal_sweep.py"
 #: Benchmark name (the file ``data/results/<name>.json``) -> the command that writes it.
 BENCHMARKS = {
     "bench_nkp": ".venv/bin/python benchmarks/bench_nkp.py",
@@ -302,3 +309,84 @@ def settings_differences(old_config: dict, config: dict, plan_keys) -> list[str]
     same = {k: v for k, v in config.items() if k not in plan_keys}
     old_same = {k: v for k, v in old_config.items() if k not in plan_keys}
     return sorted(k for k in set(same) | set(old_same) if same.get(k) != old_same.get(k))
+
+
+# ----------------------------------------------------------------------------- healing
+
+def load_heal(path=None) -> dict:
+    """The healing sweep: ``data/results/heal_sweep.json`` (or ``path``).
+
+    Written by ``scripts/heal_sweep.py``: compressed SmolLM2 students distilled toward the
+    dense model. Returns the file's dict: ``config`` (the script's options), ``machine``,
+    ``dense`` (corpus -> :func:`kronlab.evaluate.perplexity` dict) and ``runs``, one per
+    (method, ratio), each with ``compress`` (the compression summary), ``ppl_before``,
+    ``ppl_after`` (corpus -> perplexity), ``tokens_per_second``, ``heal`` (the
+    :class:`kronlab.heal.HealReport` as a dict: ``curve``, ``losses``, ``seconds``, ...) and
+    its own ``machine``. A missing file names the command that writes it.
+    """
+    path = results_dir() / "heal_sweep.json" if path is None else Path(path)
+    data = _read_json(path, "healing sweep", HEAL_COMMAND)
+    if "config" not in data or not isinstance(data.get("runs"), list) or "dense" not in data:
+        raise ValueError(f"{path} is not a healing sweep (expected keys 'config', 'dense' and a "
+                         f"list 'runs'); rewrite it with `{HEAL_COMMAND}`")
+    return data
+
+
+def _run_label(run: dict, config: dict) -> str:
+    method = run["method"]
+    cap = config.get("macs_cap")
+    return f"{method} (MACs<={cap:g})" if cap is not None and method.startswith("kron") else method
+
+
+def heal_frame(data: dict) -> pd.DataFrame:
+    """One row per healed run of :func:`load_heal`'s dict.
+
+    Columns: method, label (the method, with its MACs cap when the sweep had one), ratio,
+    layer_params_kept, macs_kept, tokens (trained), tokens_per_second, train_seconds,
+    compress_seconds, and per evaluation corpus ``before_<c>``, ``after_<c>`` (perplexity)
+    and ``after_over_dense_<c>``.
+    """
+    import pandas as pd
+
+    rows = []
+    for run in data["runs"]:
+        s = run.get("compress", {})
+        h = run.get("heal", {})
+        row = {"method": run["method"], "label": _run_label(run, data["config"]),
+               "ratio": float(run["ratio"]),
+               "layer_params_kept": s.get("layer_params_kept"), "macs_kept": s.get("macs_kept"),
+               "tokens": h.get("tokens"), "tokens_per_second": run.get("tokens_per_second"),
+               "train_seconds": h.get("seconds", {}).get("train"),
+               "compress_seconds": run.get("compress_seconds")}
+        for c, before in (run.get("ppl_before") or {}).items():
+            after = run["ppl_after"][c]
+            row[f"before_{c}"] = before
+            row[f"after_{c}"] = after
+            dense = data["dense"].get(c, {}).get("perplexity")
+            row[f"after_over_dense_{c}"] = after / dense if dense else float("nan")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values(["ratio", "method"], ascending=[False, True]).reset_index(drop=True)
+    return df
+
+
+def heal_curves(data: dict) -> pd.DataFrame:
+    """The perplexity-against-training-tokens curves of :func:`load_heal`'s dict, long form.
+
+    One row per (run, evaluation point, corpus): method, label, ratio, tokens, corpus,
+    perplexity, over_dense (perplexity / the dense model's on that corpus).
+    """
+    import pandas as pd
+
+    rows = []
+    for run in data["runs"]:
+        for point in run.get("heal", {}).get("curve", []):
+            for c, p in point["perplexity"].items():
+                dense = data["dense"].get(c, {}).get("perplexity")
+                rows.append({"method": run["method"], "label": _run_label(run, data["config"]),
+                             "ratio": float(run["ratio"]), "tokens": point["tokens"],
+                             "corpus": c, "perplexity": p,
+                             "over_dense": p / dense if dense else float("nan")})
+    return pd.DataFrame(rows, columns=["method", "label", "ratio", "tokens", "corpus",
+                                       "perplexity", "over_dense"])
