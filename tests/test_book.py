@@ -213,12 +213,25 @@ def test_notebook_styles_and_lists():
 
 # ----------------------------------------------------------------------------- built books
 
+_SMOKE_BUILD: dict = {}
+
+
+def smoke_book(tmp_path_factory) -> tuple[Path, Path]:
+    """The book built with the smoke profile, once per test session: ``(out, html)``.
+
+    Other test modules (``test_book_pages.py``) check the same build through this
+    function instead of building again.
+    """
+    if "site" not in _SMOKE_BUILD:
+        out = tmp_path_factory.mktemp("book")
+        with figures_in(out / "_build" / "figures"):
+            _SMOKE_BUILD["site"] = out, build_book("smoke", root=ROOT, out=out)
+    return _SMOKE_BUILD["site"]
+
+
 @pytest.fixture(scope="session")
 def built_book(tmp_path_factory):
-    out = tmp_path_factory.mktemp("book")
-    with figures_in(out / "_build" / "figures"):
-        html = build_book("smoke", root=ROOT, out=out)
-    return out, html
+    return smoke_book(tmp_path_factory)
 
 
 def alt_sweep(path: Path) -> Path:
