@@ -21,6 +21,7 @@ __all__ = [
     "CG_TOL",
     "DAMPING",
     "DIRECT_SOLVER_MAX",
+    "EVAL_BOS",
     "EVAL_TEXTS",
     "EVAL_TOKENS",
     "HEAL_ACTIVATION_LIMIT",
@@ -95,6 +96,13 @@ SEQ_LEN = 512
 EVAL_TEXTS = ("sotu", "austen")
 EVAL_TOKENS = 8192
 WINDOW = 1024
+#: Start token put before every perplexity window (``kronlab.evaluate.perplexity``'s
+#: ``bos``): "auto" is the tokenizer's BOS when the tokenizer adds it to every encoding
+#: (the sign the model was trained with it), else none. SmolLM2 gets none: its tokenizer
+#: names ``<|im_start|>`` (a chat-turn opener) as BOS but never adds it, and its
+#: pre-training documents were separated by ``<|endoftext|>`` with no BOS, so the recorded
+#: sweeps (no start token) follow this protocol unchanged.
+EVAL_BOS = "auto"
 #: CPU threads used by scripts and benchmarks (the machines have 2 cores).
 THREADS = 2
 

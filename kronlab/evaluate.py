@@ -19,6 +19,7 @@ __all__ = [
     "forward_latency",
     "generate_sample",
     "perplexity",
+    "start_token",
     "weight_memory_bytes",
 ]
 
@@ -30,9 +31,52 @@ def _device_of(model: nn.Module, device) -> torch.device:
     return next(model.parameters()).device
 
 
+def start_token(tokenizer: Any, bos: bool | int | str = "auto", *,
+                vocab_size: int | None = None) -> int | None:
+    """The token id :func:`perplexity` puts before every window, or ``None`` for none.
+
+    ``bos`` is one of:
+
+    * ``"auto"``: the tokenizer's ``bos_token_id`` if it defines one *and* adds it to
+      every encoding by default (its ``add_bos_token`` flag; a tokenizer without the flag
+      is probed: ``encode("a", add_special_tokens=True)`` starts with the BOS id), the
+      sign that the model was trained with it (Llama, Mistral, Gemma). Otherwise
+      ``None``. SmolLM2-Instruct defines ``<|im_start|>`` as its BOS but never adds it
+      (GGUF ``tokenizer.ggml.add_bos_token = false``): it opens chat turns, and the
+      pre-training documents carried no BOS, so ``"auto"`` gives ``None`` there;
+    * ``False``: ``None``; ``True``: the tokenizer's ``bos_token_id`` (an error if it
+      has none);
+    * an ``int``: that token id (in ``[0, vocab_size)`` when ``vocab_size`` is given),
+      e.g. a document separator such as ``<|endoftext|>``.
+    """
+    if isinstance(bos, bool):
+        if not bos:
+            return None
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise ValueError("bos=True but the tokenizer defines no bos_token_id; pass a "
+                             "token id (int), False, or 'auto'")
+        return int(bos_id)
+    if isinstance(bos, int):
+        if bos < 0 or (vocab_size is not None and bos >= vocab_size):
+            raise ValueError(f"bos token id {bos} is outside the vocabulary "
+                             f"[0, {vocab_size if vocab_size is not None else 'vocab_size'})")
+        return bos
+    if bos != "auto":
+        raise ValueError(f"bos must be 'auto', True, False or a token id (int), got {bos!r}")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return None
+    adds = getattr(tokenizer, "add_bos_token", None)
+    if adds is None:
+        probe = list(tokenizer.encode("a", add_special_tokens=True))
+        adds = bool(probe) and probe[0] == bos_id
+    return int(bos_id) if adds else None
+
+
 def perplexity(model: nn.Module, tokenizer: Any, text: str, *, window: int = 1024,
                max_tokens: int | None = None, batch_size: int = 1, device=None,
-               progress: bool = True) -> dict[str, Any]:
+               bos: bool | int | str = "auto", progress: bool = True) -> dict[str, Any]:
     """Perplexity of ``text`` in non-overlapping windows (the usual WikiText protocol).
 
     The text is tokenized as a whole without special tokens, cut to its first
@@ -40,19 +84,34 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, window: int = 102
     tokens (the last one may be shorter; a last window of a single token is dropped, as
     it predicts nothing). Window ``w`` with tokens ``t_1..t_L`` contributes the
     negative log-likelihood of ``t_2..t_L``, each given the tokens before it *in the
-    window*, so it predicts ``L - 1`` tokens:
+    window* (and the start token ``s``, if any), so it predicts ``L - 1`` tokens:
 
-        ppl = exp( sum_w sum_{i=2}^{L_w} -log p(t_i | t_1..t_{i-1}) / sum_w (L_w - 1) ).
+        ppl = exp( sum_w sum_{i=2}^{L_w} -log p(t_i | [s,] t_1..t_{i-1}) / sum_w (L_w - 1) ).
+
+    Start token: ``bos`` (see :func:`start_token`; ``"auto"`` is the tokenizer's BOS
+    when the tokenizer adds it by default, else none) picks a token ``s`` that is put
+    before *every* window, so the model reads ``L + 1`` positions. ``s`` is context
+    only: it is never scored, and the scored tokens ``t_2..t_L`` and their count are
+    the same with and without it, so the two numbers compare the same predictions. Every
+    window gets it because each window is a fresh sequence starting at position 0: a
+    model trained with a BOS saw one at position 0 of every training sequence (where many
+    heads park their attention), so a window without it is off the training
+    distribution at every position, not only the first, and giving it to the first
+    window only would mix two protocols in one number. ``t_1`` stays unscored as before
+    (with ``s`` it could be scored, but then the counts would differ).
 
     Losses are summed in float64 from the model's logits.
 
     Returns a dict: ``perplexity``; ``nll`` (mean per predicted token, nats);
-    ``nll_sum``; ``n_tokens`` (tokens evaluated, after ``max_tokens``);
-    ``n_predicted`` (= n_tokens - n_windows, the denominator); ``n_windows``; ``window``;
-    ``text_tokens`` (tokens of the whole text).
+    ``nll_sum``; ``n_tokens`` (tokens evaluated, after ``max_tokens``, start tokens not
+    counted); ``n_predicted`` (= n_tokens - n_windows, the denominator); ``n_windows``;
+    ``window``; ``text_tokens`` (tokens of the whole text); ``bos`` (the start token id,
+    or ``None``).
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    start = start_token(tokenizer, bos, vocab_size=vocab)
     dev = _device_of(model, device)
     ids = encode(tokenizer, text)
     text_tokens = len(ids)
@@ -69,16 +128,18 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, window: int = 102
             groups[-1].append(w)
         else:
             groups.append([w])
+    prefix = [] if start is None else [start]
+    skip = len(prefix)  # logits at the start token predict t_1, which is not scored
     nll_sum = 0.0
     n_pred = 0
     from tqdm.auto import tqdm
 
     with torch.no_grad():
         for group in tqdm(groups, desc="perplexity", unit="batch", disable=not progress):
-            x = torch.tensor(group, dtype=torch.long, device=dev)
+            x = torch.tensor([prefix + w for w in group], dtype=torch.long, device=dev)
             logits = model(input_ids=x, use_cache=False).logits
-            pred = logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.float64)
-            target = x[:, 1:].reshape(-1)
+            pred = logits[:, skip:-1].reshape(-1, logits.shape[-1]).to(torch.float64)
+            target = x[:, skip + 1:].reshape(-1)
             nll_sum += F.cross_entropy(pred, target, reduction="sum").item()
             n_pred += target.numel()
     nll = nll_sum / n_pred
@@ -92,6 +153,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, window: int = 102
         "n_windows": len(windows),
         "window": window,
         "text_tokens": text_tokens,
+        "bos": start,
     }
 
 
