@@ -9,10 +9,12 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 STAMP := $(VENV)/.kronlab-installed
 
-.PHONY: venv book html test test-fast lint screenshots bench results clean help
+.PHONY: venv book html pdf poster test test-fast lint screenshots bench results clean help
 
 help:
 	@echo "make book         execute every chapter (PROFILE=$(PROFILE)) and build _build/html"
+	@echo "make pdf          print the built book to _build/pdf/kronlab.pdf (headless Chromium)"
+	@echo "make poster       print the A0 poster to _build/poster/poster.pdf (headless Chromium)"
 	@echo "make test         run the test suite"
 	@echo "make screenshots  headless-Chromium screenshots of the built book into _build/screenshots"
 	@echo "make bench        run the benchmarks, results into data/results"
@@ -34,6 +36,14 @@ book: $(STAMP)
 
 html: $(STAMP)
 	$(PY) -m kronlab book html
+
+# Offline prints with headless Chromium of what `make book` built (nothing is re-executed;
+# the poster chapter runs with PROFILE if it has not run yet).
+pdf: $(STAMP)
+	$(PY) scripts/print_pdf.py book
+
+poster: $(STAMP)
+	$(PY) scripts/print_pdf.py poster --profile $(PROFILE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from .paths import repo_root
+from .paths import repo_root, write_atomic
 
 __all__ = [
     "BookBuildError",
@@ -46,6 +46,7 @@ __all__ = [
     "notebook_chapters",
     "run_chapter",
     "run_chapter_timed",
+    "stage_pdfs",
     "toc_documents",
 ]
 
@@ -333,7 +334,56 @@ def build_html(root=None, out=None, *, strict: bool = True) -> Path:
     if proc.returncode != 0:
         raise BookBuildError(f"jupyter-book build failed (exit {proc.returncode}): "
                              f"{' '.join(cmd)}")
+    stage_pdfs(root, out)
     return out / "_build" / "html"
+
+
+#: PDFs printed by ``make pdf`` and ``make poster`` -> their name in the built site
+SITE_PDFS = {("pdf", "kronlab.pdf"): "kronlab.pdf", ("poster", "poster.pdf"): "poster.pdf"}
+_PRINT_BUTTON = re.compile(r'<button onclick="window\.print\(\)"(.*?)</button>', re.S)
+_SOURCE_ITEM = re.compile(r'(<li><a href="(\.\./)*_sources/(?P<doc>[^"]+)\.ipynb".*?</li>)', re.S)
+
+
+def stage_pdfs(root=None, out=None) -> list[Path]:
+    """Put the printed PDFs and the chapters' MyST sources into the built site.
+
+    ``_build/pdf/kronlab.pdf`` and ``_build/poster/poster.pdf`` (when printed) are copied
+    to ``_build/html/``; each notebook chapter's ``.md`` goes to ``_build/html/_sources``
+    and its page's download menu gets a ``.md`` entry next to ``.ipynb``; once the book PDF
+    exists, the menu's ``.pdf`` entry (the browser's print dialog) links it instead.
+    Returns the files copied. Does nothing before the site is built.
+    """
+    root = _root(root)
+    out = Path(out).resolve() if out is not None else root
+    html = out / "_build" / "html"
+    if not (html / "index.html").exists():
+        return []
+    copied = []
+    for (folder, name), dest in SITE_PDFS.items():
+        src = out / "_build" / folder / name
+        if src.exists():
+            shutil.copyfile(src, html / dest)
+            copied.append(html / dest)
+    book_pdf = (html / "kronlab.pdf").exists()
+    for doc in notebook_chapters(root).values():
+        page, md = html / f"{doc}.html", root / f"{doc}.md"
+        if not page.exists():
+            continue
+        shutil.copyfile(md, html / "_sources" / f"{doc}.md")
+        text = page.read_text(encoding="utf-8")
+        up = "../" * (len(Path(doc).parts) - 1)
+        if "btn-download-md-button" not in text:
+            text = _SOURCE_ITEM.sub(
+                lambda m, up=up: m.group(1) + f'\n<li><a href="{up}_sources/{m.group("doc")}.md" '
+                'target="_blank" class="btn btn-sm btn-download-md-button dropdown-item" '
+                'title="Download the MyST source (.md)"><span class="btn__icon-container">'
+                '<i class="fas fa-file"></i></span><span class="btn__text-container">.md'
+                '</span></a></li>', text, count=1)
+        if book_pdf:
+            text = _PRINT_BUTTON.sub(
+                lambda m, up=up: f'<a href="{up}kronlab.pdf" target="_blank"{m.group(1)}</a>', text)
+        write_atomic(page, text)
+    return copied
 
 
 def run_chapter_timed(chapter: str, params: dict | None = None, *, profile: str = "default",
