@@ -9,6 +9,8 @@ a missing or malformed file fails with an error that names the command that writ
 - ``dense_smollm2.json``, written by ``scripts/record_dense.py``: :func:`dense_reference`;
 - ``layer_damage.json``, written by ``scripts/layer_damage.py``: :func:`load_layer_damage`,
   :func:`damage_frame`;
+- ``llm_ablation.json``, written by ``scripts/ablation_sweep.py``: :func:`load_ablation`,
+  :func:`ablation_frame`;
 - ``heal_sweep.json``, written by ``scripts/heal_sweep.py``: :func:`load_heal`,
   :func:`heal_frame`, :func:`heal_curves`;
 - ``bench_nkp.json``, ``bench_layers.json``, ``bench_compress.json``, written by
@@ -50,6 +52,9 @@ __all__ = [
     "error_ppl_correlation",
     "load_benchmark",
     "load_heal",
+    "load_ablation",
+    "ablation_frame",
+    "ABLATION_COMMAND",
     "heal_frame",
     "heal_curves",
     "HEAL_COMMAND",
@@ -65,6 +70,7 @@ SWEEP_COMMAND = "python scripts/run_llm_experiments.py"
 DENSE_COMMAND = ".venv/bin/python scripts/record_dense.py"
 LAYER_DAMAGE_COMMAND = ".venv/bin/python scripts/layer_damage.py"
 HEAL_COMMAND = ".venv/bin/python scripts/heal_sweep.py"
+ABLATION_COMMAND = ".venv/bin/python scripts/ablation_sweep.py"
 #: Benchmark name (the file ``data/results/<name>.json``) -> the command that writes it.
 BENCHMARKS = {
     "bench_nkp": ".venv/bin/python benchmarks/bench_nkp.py",
@@ -390,3 +396,62 @@ def heal_curves(data: dict) -> pd.DataFrame:
                              "over_dense": p / dense if dense else float("nan")})
     return pd.DataFrame(rows, columns=["method", "label", "ratio", "tokens", "corpus",
                                        "perplexity", "over_dense"])
+
+
+# ----------------------------------------------------------------------------- ablation
+
+#: The ablation's variants in reading order (``scripts/ablation_sweep.py``).
+ABLATION_VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
+
+
+def load_ablation(path=None) -> dict:
+    """The rotation / allocation / closed-loop ablation: ``data/results/llm_ablation.json``.
+
+    Written by ``scripts/ablation_sweep.py``. Returns the file's dict: ``config``,
+    ``machine``, ``dense`` (``{"ppl": {corpus: perplexity dict}, "parameters": n}``) and
+    ``runs``, one per (seed, ratio, method, variant) with ``components``, ``macs_ratio``,
+    ``layer_params_kept``, ``model_params_kept`` (rotation matrices and an untied head
+    included), ``macs_kept``, ``phases`` (seconds: statistics, rotation, allocation, fit),
+    ``compress_seconds``, ``ppl``, ``peak_rss_bytes`` and optional ``rotation`` /
+    ``allocation`` details. A missing file names the command that writes it.
+    """
+    path = results_dir() / "llm_ablation.json" if path is None else Path(path)
+    data = _read_json(path, "rotation/allocation/closed-loop ablation", ABLATION_COMMAND)
+    if "config" not in data or not isinstance(data.get("runs"), list) or "dense" not in data:
+        raise ValueError(f"{path} is not an ablation (expected keys 'config', 'dense' and a "
+                         f"list 'runs'); rewrite it with `{ABLATION_COMMAND}`")
+    return data
+
+
+def ablation_frame(data: dict) -> pd.DataFrame:
+    """One row per run of :func:`load_ablation`'s dict.
+
+    Columns: seed, ratio, method, variant, layer_params_kept, model_params_kept,
+    macs_kept, compress_seconds, the four phase times (``seconds_<phase>``),
+    peak_rss_gib, and per corpus ``ppl_<c>`` and ``over_dense_<c>``. Sorted by ratio
+    (descending), method, variant in :data:`ABLATION_VARIANTS` order, seed.
+    """
+    import pandas as pd
+
+    dense = {c: v["perplexity"] for c, v in data["dense"].get("ppl", {}).items()}
+    rows = []
+    for run in data["runs"]:
+        row = {"seed": run["seed"], "ratio": float(run["ratio"]), "method": run["method"],
+               "variant": run["variant"], "layer_params_kept": run.get("layer_params_kept"),
+               "model_params_kept": run.get("model_params_kept"),
+               "macs_kept": run.get("macs_kept"), "compress_seconds": run.get("compress_seconds"),
+               "peak_rss_gib": (run["peak_rss_bytes"] / 2**30 if run.get("peak_rss_bytes")
+                                else float("nan"))}
+        for phase, sec in run.get("phases", {}).items():
+            row[f"seconds_{phase}"] = sec
+        for c, v in run.get("ppl", {}).items():
+            row[f"ppl_{c}"] = v["perplexity"]
+            row[f"over_dense_{c}"] = v["perplexity"] / dense[c] if c in dense else float("nan")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        order = {v: i for i, v in enumerate(ABLATION_VARIANTS)}
+        df["_v"] = df["variant"].map(lambda v: order.get(v, len(order)))
+        df = (df.sort_values(["ratio", "method", "_v", "seed"], ascending=[False, True, True, True])
+                .drop(columns="_v").reset_index(drop=True))
+    return df

@@ -378,3 +378,31 @@ def test_load_heal_errors(tmp_path):
     bad.write_text(json.dumps({"config": {}, "runs": {}}))
     with pytest.raises(ValueError, match="not a healing sweep"):
         results.load_heal(bad)
+
+
+# ----------------------------------------------------------------------------- ablation
+
+def _fake_ablation():
+    def run(seed, method, variant, ppl):
+        return {"seed": seed, "ratio": 0.8, "method": method, "variant": variant,
+                "layer_params_kept": 0.8, "model_params_kept": 0.84, "macs_kept": 0.8,
+                "phases": {"statistics": 1.0, "rotation": 0.0, "allocation": 0.0, "fit": 2.0},
+                "compress_seconds": 3.0, "peak_rss_bytes": 2**31,
+                "ppl": {"sotu": {"perplexity": ppl}}}
+    return {"config": {}, "machine": {}, "dense": {"ppl": {"sotu": {"perplexity": 25.0}}},
+            "runs": [run(0, "svd-aa", "all", 50.0), run(0, "svd-aa", "none", 100.0),
+                     run(1, "svd-aa", "none", 90.0), run(0, "kron-fisher", "rotation", 75.0)]}
+
+
+def test_ablation_frame(tmp_path):
+    path = tmp_path / "abl.json"
+    path.write_text(json.dumps(_fake_ablation()))
+    df = results.ablation_frame(results.load_ablation(path))
+    assert list(zip(df.method, df.variant, df.seed, strict=True)) == [
+        ("kron-fisher", "rotation", 0), ("svd-aa", "none", 0), ("svd-aa", "none", 1),
+        ("svd-aa", "all", 0)]
+    assert list(df["over_dense_sotu"]) == [3.0, 4.0, 3.6, 2.0]
+    assert df["peak_rss_gib"].tolist() == [2.0] * 4
+    assert df["seconds_fit"].tolist() == [2.0] * 4
+    with pytest.raises(FileNotFoundError, match="scripts/ablation_sweep.py"):
+        results.load_ablation(tmp_path / "none.json")
