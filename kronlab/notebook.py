@@ -232,14 +232,16 @@ def legend_below(fig, axes=None, ncol: int | None = None, **kwargs):
                       **kwargs)
 
 
-def heatmap(frame, ax, *, fmt: str = ".2f", cmap: str = "rocket_r", label: str = "", **kwargs):
+def heatmap(frame, ax, *, fmt: str = ".2f", cmap: str = "rocket_r", label: str = "",
+            annot: bool = True, **kwargs):
     """A seaborn heatmap of a table (rows by columns, e.g. layer type by method), annotated
     with its values in ``fmt``; ``label`` names the colour bar."""
     import seaborn as sns
 
     ax.grid(False)
-    return sns.heatmap(frame, ax=ax, annot=True, fmt=fmt, cmap=cmap, linewidths=0.5,
-                       annot_kws={"fontsize": 8}, cbar_kws={"label": label}, **kwargs)
+    return sns.heatmap(frame, ax=ax, annot=annot, fmt=fmt, cmap=cmap,
+                       linewidths=0.5 if annot else 0, annot_kws={"fontsize": 8},
+                       cbar_kws={"label": label}, **kwargs)
 
 
 def format_number(value, digits: int = 3) -> str:
