@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOISE = ("it/s]", "Warning", "Traceback")
 #: Chapters whose figures and cells are not converted to the book's style yet (another
 #: session edits them); remove a name once its chapter is converted.
-NOT_YET_STYLED = {"intro", "poster"}
+NOT_YET_STYLED = {"poster"}
 #: Tags a code cell may carry: the one parameters cell, hidden setup, a figure or table
 #: whose code is removed, and computation or checks behind a "show code" toggle.
 CELL_TAGS = {"parameters", "remove-cell", "remove-input", "hide-input"}
