@@ -32,7 +32,8 @@ from .defaults import (
 )
 
 __all__ = ["add_commands", "check_device", "check_model", "check_out", "check_text",
-           "compress_settings", "int_at_least", "positive_float", "stored_corpora", "text_name"]
+           "compress_settings", "int_at_least", "positive_float", "stored_corpora",
+           "text_name"]
 
 _LLM_MODULES = ("transformers", "safetensors", "tqdm")
 
@@ -313,6 +314,7 @@ def compress_settings(args) -> dict:
         raise UsageError(f"--no-output-error applies to the methods that fit the weights "
                          f"alone ({free}); {args.method} needs calibration", prog)
     calibrate = not (data_free and args.no_output_error)
+    _check_pipeline(args, calibrate, prog)
     if calibrate:
         check_text(args.calibration, "--calibration", prog)
     out = check_out(args.out, args.overwrite, prog)
@@ -329,7 +331,29 @@ def compress_settings(args) -> dict:
         "layers": _patterns(args.layers, "--layers", prog),
         "exclude": _patterns(args.exclude, "--exclude", prog),
         "device": device, "threads": args.threads, "dtype": args.dtype, "out": str(out),
+        "rotate": args.rotate, "allocate": args.allocate, "closed_loop": args.closed_loop,
     }
+
+
+#: ``kronlab compress --rotate`` choices: no rotation, or the residual-stream Q
+ROTATIONS = ("none", "procrustes", "hadamard", "random")
+
+
+def _check_pipeline(args, calibrate: bool, prog: str) -> None:
+    """Reject --rotate/--allocate/--closed-loop combinations that cannot work (before loading)."""
+    if args.rotate != "none" and not args.method.startswith("kron"):
+        raise UsageError(f"--rotate {args.rotate} with {args.method}: a rotation of the residual "
+                         "stream leaves every low-rank error unchanged (rotation invariant); use "
+                         "a kron method, or --rotate none", prog)
+    if args.rotate != "none" and args.shape_policy != "per-type":
+        raise UsageError(f"--rotate {args.rotate} fixes one factor shape per layer type; use "
+                         "--shape-policy per-type", prog)
+    if args.allocate and args.ratio >= 1:
+        raise UsageError("--allocate with --ratio 1: every layer keeps all its parameters, "
+                         "there is no budget to spread; use a ratio below 1", prog)
+    if args.closed_loop and not calibrate:
+        raise UsageError("--closed-loop collects statistics on calibration text; drop "
+                         "--no-output-error", prog)
 
 
 def _settings_line(s: dict) -> str:
@@ -344,7 +368,9 @@ def _settings_line(s: dict) -> str:
              f"calibration={calib}", f"als_sweeps={s['als_sweeps']}",
              f"permute={s['permute'] or 'none'}", f"shape_policy={s['shape_policy']}",
              f"layers={layers}", f"exclude={', '.join(s['exclude']) if s['exclude'] else 'none'}",
-             f"device={s['device']}", f"threads={s['threads']}", f"dtype={s['dtype']}"]
+             f"device={s['device']}", f"threads={s['threads']}", f"dtype={s['dtype']}",
+             f"rotate={s['rotate']}", f"allocate={'yes' if s['allocate'] else 'no'}",
+             f"closed_loop={'yes' if s['closed_loop'] else 'no'}"]
     return "settings: " + ", ".join(parts)
 
 
@@ -386,29 +412,35 @@ def _cmd_compress(args) -> int:
         dtype, why = s["dtype"], "--dtype"
 
     covariances = batches = None
-    if s["calibration"] is not None:
-        with sw.phase("statistics"):
-            text = load_text(s["calibration"], "calibration")
-            batches = calibration_token_batches(tokenizer, text, n_tokens=s["calib_tokens"],
-                                                seq_len=s["seq_len"], seed=s["seed"])
-            if objective_of(s["method"]) != "fisher":  # Fisher needs gradients: compress's job
-                covariances = collect_covariances(model, batches, list(targets))
-    with sw.phase("fit"):
-        cmodel, report = compress(model, method=s["method"], ratio=s["ratio"],
-                                  calibration=batches if covariances is None else None,
-                                  covariances=covariances,
-                                  layers=s["layers"], exclude=s["exclude"],
-                                  macs_ratio=s["macs_ratio"], permute=s["permute"],
-                                  als_sweeps=s["als_sweeps"], shape_policy=s["shape_policy"],
-                                  in_place=True, device=s["device"])
-    moved = report.config.get("statistics_seconds") or 0.0  # statistics compress collected
+    pipeline = s["rotate"] != "none" or s["allocate"] or s["closed_loop"]
+    if pipeline:
+        cmodel, report, extra = _compress_pipeline(model, tokenizer, targets, s, sw)
+    else:
+        extra = {}
+        if s["calibration"] is not None:
+            with sw.phase("statistics"):
+                text = load_text(s["calibration"], "calibration")
+                batches = calibration_token_batches(tokenizer, text, n_tokens=s["calib_tokens"],
+                                                    seq_len=s["seq_len"], seed=s["seed"])
+                if objective_of(s["method"]) != "fisher":  # Fisher needs gradients
+                    covariances = collect_covariances(model, batches, list(targets))
+        with sw.phase("fit"):
+            cmodel, report = compress(model, method=s["method"], ratio=s["ratio"],
+                                      calibration=batches if covariances is None else None,
+                                      covariances=covariances,
+                                      layers=s["layers"], exclude=s["exclude"],
+                                      macs_ratio=s["macs_ratio"], permute=s["permute"],
+                                      als_sweeps=s["als_sweeps"], shape_policy=s["shape_policy"],
+                                      in_place=True, device=s["device"])
+    # statistics compress collected itself (the pipeline has moved its own already)
+    moved = 0.0 if pipeline else (report.config.get("statistics_seconds") or 0.0)
     if moved:
         sw.seconds["fit"] -= moved
         sw.seconds["statistics"] = sw.seconds.get("statistics", 0.0) + moved
     print(report.table())
     config = {**{k: v for k, v in s.items() if k not in ("out", "model_kind")},
               "dtype": dtype, "dtype_reason": why, "model_info": getattr(model, "kronlab_info", {}),
-              "report": report.to_dict(), "timings": dict(sw.seconds),
+              "report": report.to_dict(), "timings": dict(sw.seconds), **extra,
               "sizes": {"source_file_bytes": source_bytes, "memory_bytes_float32": memory_bytes},
               "machine": machine_info(s["device"], load_start=load_start)}
     out = Path(s["out"])
@@ -547,6 +579,101 @@ def _add_runtime(p) -> None:
                         "kronlab.defaults.THREADS)")
 
 
+def _compress_pipeline(model, tokenizer, targets, s, sw):
+    """``kronlab compress`` with --rotate / --allocate / --closed-loop, in that order, on
+    ``model`` in place: fold and rotate the residual stream (statistics rotated exactly),
+    spread the budget, then fit (closed loop: block by block). Returns (model, report, extra)."""
+    from .allocate import allocate
+    from .calibration import collect_statistics
+    from .closed_loop import compress_closed_loop
+    from .compress import compress, objective_of
+    from .data import calibration_token_batches, load_text
+    from .rotate import (
+        fold_norms,
+        rotation_a_shapes,
+        hadamard,
+        procrustes_rotation,
+        random_orthogonal,
+        residual_layout,
+        rotate_residual,
+        rotate_statistics,
+    )
+
+    objective = objective_of(s["method"])
+    extra: dict = {}
+    if s["rotate"] != "none":
+        residual_layout(model)  # a clear error for architectures the rotation cannot keep exact
+        with sw.phase("rotation"):
+            # untie (not mix): a saved model must load as an ordinary architecture
+            fold_norms(model, tied_head="untie", in_place=True)
+    stats = batches = None
+    if s["calibration"] is not None:
+        with sw.phase("statistics"):
+            text = load_text(s["calibration"], "calibration")
+            batches = calibration_token_batches(tokenizer, text, n_tokens=s["calib_tokens"],
+                                                seq_len=s["seq_len"], seed=s["seed"])
+            if not s["closed_loop"] or objective == "fisher" or s["allocate"] \
+                    or s["rotate"] == "procrustes":
+                stats = collect_statistics(model, batches, list(targets),
+                                           gradients=objective == "fisher", device=s["device"])
+    structures = None
+    if s["rotate"] != "none":
+        with sw.phase("rotation"):
+            d = residual_layout(model).hidden_size
+            # shapes a rotation can change (the chooser's own are mostly rotation invariant)
+            shapes = rotation_a_shapes(model, targets, method=s["method"], ratio=s["ratio"],
+                                       macs_ratio=s["macs_ratio"], stats=stats)
+            structures = {t: {"a_shape": a} for t, a in shapes.items()}
+            if s["rotate"] == "procrustes":
+                res = procrustes_rotation(model, stats, method=s["method"], ratio=s["ratio"],
+                                          layers=s["layers"], exclude=s["exclude"],
+                                          shapes=shapes, device=s["device"], progress=False)
+                Q = res.Q
+                extra["procrustes"] = res.to_dict()
+            elif s["rotate"] == "hadamard":
+                Q = hadamard(d)
+            else:
+                Q = random_orthogonal(d, s["seed"])
+            if stats is not None:
+                stats = rotate_statistics(stats, model, Q)
+            rotate_residual(model, Q, in_place=True)
+        extra["rotation"] = {"kind": s["rotate"], "tied_head": "untie",
+                             "extra_parameters": model.kronlab_rotation["extra_parameters"]}
+        print(f"rotation: {s['rotate']}, {extra['rotation']['extra_parameters']:,} extra "
+              "parameters (untied head)", flush=True)
+    ratios = None
+    if s["allocate"]:
+        with sw.phase("allocation"):
+            alloc = allocate(model, stats if objective == "fisher" else
+                             (None if stats is None else stats.cov), method=s["method"],
+                             ratio=s["ratio"], macs_ratio=s["macs_ratio"], layers=s["layers"],
+                             exclude=s["exclude"], shape_policy=s["shape_policy"],
+                             a_shapes=None if structures is None else
+                             {t: v["a_shape"] for t, v in structures.items()},
+                             als_sweeps=s["als_sweeps"])
+        ratios = alloc.ratios
+        extra["allocation"] = {"ratios": ratios, "metric": alloc.metric,
+                               "predicted_loss": alloc.predicted_loss,
+                               "uniform_loss": alloc.uniform_loss}
+    common = dict(method=s["method"], ratio=s["ratio"], ratios=ratios, structures=structures,
+                  layers=s["layers"], exclude=s["exclude"], macs_ratio=s["macs_ratio"],
+                  permute=s["permute"], als_sweeps=s["als_sweeps"],
+                  shape_policy=s["shape_policy"], in_place=True, device=s["device"])
+    with sw.phase("fit"):
+        if s["closed_loop"]:
+            cmodel, report = compress_closed_loop(
+                model, batches, gcovariances=None if stats is None else stats.gcov, **common)
+        else:
+            cmodel, report = compress(
+                model, covariances=None if stats is None else stats.cov,
+                gcovariances=None if stats is None else stats.gcov, **common)
+    if s["closed_loop"]:  # the closed-loop block forwards are statistics, not fitting
+        moved = report.config["statistics_seconds"] + report.config["propagation_seconds"]
+        sw.seconds["fit"] -= moved
+        sw.seconds["statistics"] = sw.seconds.get("statistics", 0.0) + moved
+    return cmodel, report, extra
+
+
 def add_commands(sub) -> None:
     """Add ``compress`` and ``evaluate`` to the ``kronlab`` subcommands."""
     from .compress import METHOD_DESCRIPTIONS, METHODS, SHAPE_POLICIES
@@ -578,7 +705,8 @@ def add_commands(sub) -> None:
     c.add_argument("--seq-len", type=int_at_least(1), default=SEQ_LEN,
                    help="tokens per calibration sequence")
     c.add_argument("--seed", type=int_at_least(0), default=SEED,
-                   help="seed of the calibration sequences' start positions")
+                   help="seed of the calibration sequences' start positions (and of the Q of "
+                        "--rotate random)")
     c.add_argument("--als-sweeps", type=int_at_least(0), default=ALS_SWEEPS,
                    help="ALS sweeps of the activation-aware Kronecker fit (0: its closed-form "
                         "start only)")
@@ -603,6 +731,22 @@ def add_commands(sub) -> None:
     c.add_argument("--no-output-error", action="store_true",
                    help="methods that fit the weights alone (kron, svd): skip calibration, "
                         "so the report has no output error")
+    c.add_argument("--rotate", default="none", choices=ROTATIONS,
+                   help="Kronecker methods: fold the norms and rotate the residual stream by "
+                        "one orthogonal Q before compressing (the model's function is "
+                        "unchanged; a tied head is untied, vocab x hidden more parameters). "
+                        "Each layer type's factor shape is fixed: the chooser's best among the "
+                        "shapes a rotation can change (not low-rank-like). procrustes: Q chosen for the method's fit; "
+                        "hadamard, random (--seed): baselines. Low-rank "
+                        "methods are rotation invariant and rejected")
+    c.add_argument("--allocate", action="store_true",
+                   help="spread the parameter budget (and --macs-ratio) over the layers to "
+                        "minimise the predicted loss (kronlab.allocate) instead of giving "
+                        "every layer --ratio")
+    c.add_argument("--closed-loop", action="store_true",
+                   help="fit block by block, each block's input covariances measured on the "
+                        "model whose earlier blocks are already compressed (Fisher G stays "
+                        "open loop); costs about one more pass over the calibration tokens")
     _add_runtime(c)
     c.set_defaults(func=_cmd_compress)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -157,6 +158,72 @@ def _check_args(method: str, ratio: float, macs_ratio: float | None) -> None:
         raise ValueError(f"macs_ratio must be positive (forward MACs kept / dense), got {macs_ratio!r}")
 
 
+#: keys of a ``compress(structures=...)`` entry; ``rotation_invariant`` (from
+#: :func:`kronlab.rotate.procrustes_rotation`) is accepted and ignored
+_STRUCTURE_KEYS = {"a_shape", "rank", "rotation_invariant"}
+
+
+def _check_structure(name: str, shape, method: str, struct) -> None:
+    """Raise a ValueError unless ``struct`` is a valid fixed structure of an (m, n) layer."""
+    m, n = shape
+    if not isinstance(struct, dict) or not struct.keys() <= _STRUCTURE_KEYS \
+            or not {"a_shape", "rank"} & struct.keys():
+        raise ValueError(f"structure for {name} must be a dict {{'a_shape': (m1, n1), "
+                         f"'rank': r}} (Kronecker), {{'a_shape': (m1, n1)}} or {{'rank': r}} "
+                         f"(low rank), got {struct!r}")
+    kron = method.startswith("kron")
+    if kron and "a_shape" not in struct:
+        raise ValueError(f"structure for {name} is low rank ({struct!r}) but method {method!r} "
+                         "is a Kronecker method: give 'a_shape' (a low-rank shape is (m, 1) or "
+                         "(1, n)), or use an svd method")
+    if not kron and "a_shape" in struct:
+        raise ValueError(f"structure for {name} has a Kronecker a_shape but method {method!r} "
+                         "is low rank: give only {'rank': r}, or use a kron method")
+    r_max = min(m, n)
+    if "a_shape" in struct:
+        a = struct["a_shape"]
+        if not (isinstance(a, (tuple, list)) and len(a) == 2
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+                        for v in a)):
+            raise ValueError(f"structure for {name}: a_shape must be two positive ints "
+                             f"(m1, n1), got {a!r}")
+        m1, n1 = int(a[0]), int(a[1])
+        if m % m1 or n % n1:
+            raise ValueError(f"structure for {name}: a_shape {tuple(a)} does not divide the "
+                             f"{m}x{n} layer (m1 must divide {m}, n1 must divide {n})")
+        r_max = min(m1 * n1, (m // m1) * (n // n1))
+    if "rank" in struct:
+        r = struct["rank"]
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= r_max:
+            raise ValueError(f"structure for {name}: rank must be an int in [1, {r_max}] for "
+                             f"this {m}x{n} layer and structure, got {r!r}")
+
+
+def _check_structures(structures, method: str, targets, ratios: dict) -> dict:
+    """Validate ``compress(structures=...)`` against the selected layers; return a copy."""
+    if structures is None:
+        return {}
+    if not isinstance(structures, dict):
+        raise ValueError(f"structures must be a dict layer type -> structure, got "
+                         f"{type(structures).__name__}")
+    types = {layer_type(n) for n in targets}
+    unknown = sorted(set(structures) - types)
+    if unknown:
+        raise ValueError(f"structures names layer types that are not compressed: {unknown}; "
+                         f"valid types: {sorted(types)}")
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in structures.items()}
+    for name, mod in targets.items():
+        struct = out.get(layer_type(name))
+        if struct is None:
+            continue
+        W, _ = linear_weight(mod)
+        _check_structure(name, tuple(W.shape), method, struct)
+        if "rank" in struct and name in ratios:
+            raise ValueError(f"layer {name} has both a fixed rank (structures) and a ratio "
+                             "(ratios); drop the rank to fit the ratio at the fixed a_shape")
+    return out
+
+
 def objective_of(method: str) -> str:
     """What a method minimises: ``"weight"`` (kron, svd), ``"output"`` (-aa) or ``"fisher"``.
 
@@ -172,7 +239,8 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
                    macs_ratio: float | None = None, cov: torch.Tensor | None = None,
                    gcov: torch.Tensor | None = None, a_shape=None, permute=PERMUTE,
                    als_sweeps: int = ALS_SWEEPS, screen: int | None = CHOOSER_SCREEN,
-                   top_k: int = CHOOSER_TOP_K, device=None, name: str = "layer"):
+                   top_k: int = CHOOSER_TOP_K, device=None, name: str = "layer",
+                   rank: int | None = None):
     """Fit one (out x in) weight within the budget; return (new_module, LayerReport).
 
     The parameter budget is ``ratio * m * n`` numbers and the optional compute
@@ -183,6 +251,10 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
     ``tr(E C E^T)`` (needs ``cov``), ``-fisher`` the K-FAC loss error ``tr(G E C E^T)``
     (needs ``cov`` and ``gcov``). A Kronecker fit at a low-rank shape (``(m, 1)`` or
     ``(1, n)``) becomes a :class:`LowRankLinear` (the same matrix, cheaper to run).
+
+    ``rank`` fixes the structure instead of the budget: a low-rank method fits exactly
+    that rank, a Kronecker method (which then needs ``a_shape``) fits ``rank`` terms of
+    shape ``a_shape`` with its objective; ``ratio`` and ``macs_ratio`` are then ignored.
 
     The report gives all three errors that the statistics allow (weight; output with
     ``cov``; Fisher with ``cov`` and ``gcov``) and, for Kronecker methods, the cost of
@@ -198,6 +270,16 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
     t0 = time.perf_counter()
     params_budget = ratio * m * n
     macs_budget = None if macs_ratio is None else macs_ratio * m * n
+    if rank is not None:
+        _check_structure(name, (m, n), method, {"rank": rank} if a_shape is None
+                         else {"a_shape": tuple(a_shape), "rank": rank})
+        if method.startswith("kron"):
+            m1, n1 = (int(v) for v in a_shape)
+            # the largest rank within this budget at the one shape is exactly ``rank``
+            params_budget = rank * (m1 * n1 + (m // m1) * (n // n1)) + 0.5
+        else:
+            params_budget = rank * (m + n) + 0.5
+        macs_budget = None
     Wd = W.detach().to(device) if device is not None else W.detach()
     C = None if cov is None else (cov.to(device) if device is not None else cov)
     G = None if gcov is None else (gcov.to(device) if device is not None else gcov)
@@ -210,6 +292,9 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
                              permute=permute if fit_cov is not None else None,
                              als_sweeps=als_sweeps, screen=screen, top_k=top_k, **fit_g)
         factors = choice.factors
+        if rank is not None and factors.rank != rank:  # pragma: no cover - a chooser bug
+            raise RuntimeError(f"layer {name}: fixed rank {rank} at {a_shape}, fitted "
+                               f"{factors.rank}")
         a_sh, b_sh, rank = factors.a_shape, factors.b_shape, factors.rank
         info.update({k: v for k, v in factors.info.items() if isinstance(v, (int, float, str))})
         info.update(choose_seconds=choice.seconds, candidates=len(choice.table),
@@ -222,7 +307,7 @@ def compress_layer(W: torch.Tensor, bias, *, method: str, ratio: float,
             module = KronLinear.from_factors(factors, bias, dtype=W.dtype, device=W.device)
     else:
         budget = params_budget if macs_budget is None else min(params_budget, macs_budget)
-        rank = int(budget // (m + n))
+        rank = int(budget // (m + n)) if rank is None else int(rank)
         if rank < 1:
             raise ValueError(
                 f"layer {name} ({m}x{n}): ratio {ratio} leaves less than one rank-1 term "
@@ -264,7 +349,7 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
              permute=PERMUTE, als_sweeps: int = ALS_SWEEPS, shape_policy: str = SHAPE_POLICY,
              screen: int | None = CHOOSER_SCREEN, top_k: int = CHOOSER_TOP_K,
              in_place: bool = False, device=None, progress: bool = True,
-             ratios: dict | None = None):
+             ratios: dict | None = None, structures: dict | None = None):
     """Compress the linear layers of ``model``; return ``(compressed_model, report)``.
 
     Parameters
@@ -302,6 +387,16 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     ratios : optional dict layer name -> its own kept fraction in (0, 1], overriding
         ``ratio`` for those layers (e.g. :func:`kronlab.allocate.allocate`'s ``ratios``);
         every name must be a compressed layer.
+    structures : optional dict layer type (:func:`kronlab.models.layer_type`, e.g.
+        ``"mlp.down_proj"``) -> a fixed structure for every layer of that type, instead of
+        the chooser's: ``{"a_shape": (m1, n1), "rank": r}`` (Kronecker methods: ``r``
+        terms of that shape, fitted with the method's objective, no shape screen),
+        ``{"a_shape": (m1, n1)}`` (the shape fixed, the rank the largest within the
+        layer's ratio and ``macs_ratio``) or ``{"rank": r}`` (low-rank methods). A fixed
+        rank overrides ``ratio`` and ``macs_ratio`` for those layers. The shape must divide
+        the layer and the family must match the method. This is how a rotated model is
+        compressed with :func:`kronlab.rotate.procrustes_rotation`'s ``structures`` (the
+        chooser's favourite shapes, ``n1 in {1, n}``, are rotation invariant).
     """
     _check_args(method, ratio, macs_ratio)
     if shape_policy not in SHAPE_POLICIES:
@@ -319,6 +414,7 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
                 or not 0 < r <= 1:
             raise ValueError(f"ratios[{n!r}] must be in (0, 1] (the fraction of the layer's "
                              f"parameters kept), got {r!r}")
+    structures = _check_structures(structures, method, targets, ratios)
     objective = objective_of(method)
     stats_seconds = 0.0
     if covariances is None and calibration is not None:
@@ -366,11 +462,14 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
         gcov = None if gcovariances is None else gcovariances.get(name)
         key = (layer_type(name), tuple(W.shape))
         a_shape = chosen.get(key) if shape_policy == "per-type" else None
+        struct = structures.get(layer_type(name), {})
+        a_shape = tuple(int(v) for v in struct["a_shape"]) if "a_shape" in struct else a_shape
         module, rep = compress_layer(W, bias, method=method, ratio=ratios.get(name, ratio),
                                      macs_ratio=macs_ratio,
                                      cov=cov, gcov=gcov, permute=permute, als_sweeps=als_sweeps,
                                      a_shape=a_shape, screen=screen, top_k=top_k, device=device,
-                                     name=name)
+                                     name=name,
+                                     rank=None if "rank" not in struct else int(struct["rank"]))
         if rep.a_shape is not None:
             chosen.setdefault(key, rep.a_shape)
         set_submodule(out, name, module)
@@ -378,7 +477,10 @@ def compress(model, *, method: str, ratio: float, calibration=None, covariances=
     config = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "permute": permute,
               "als_sweeps": als_sweeps, "shape_policy": shape_policy, "screen": screen,
               "top_k": top_k, "layers": layers, "exclude": exclude, "n_layers": len(names),
-              "statistics_seconds": stats_seconds, "ratios": ratios or None}
+              "statistics_seconds": stats_seconds, "ratios": ratios or None,
+              "structures": {k: {kk: ([int(x) for x in vv] if kk == "a_shape" else vv)
+                                 for kk, vv in v.items()} for k, v in structures.items()}
+              or None}
     report = CompressionReport(method=method, ratio=float(ratio), macs_ratio=macs_ratio,
                                layers=reports, model_params_before=params_before,
                                model_params_after=_count(out), config=config)

@@ -51,6 +51,7 @@ True
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import time
 import warnings
@@ -68,6 +69,8 @@ from .defaults import ALS_SWEEPS, CHOOSER_SCREEN, PERMUTE
 from .models import find_linear_layers, layer_type, set_submodule
 
 __all__ = [
+    "rotation_a_shapes",
+    "sqrt_divisor",
     "ProcrustesResult",
     "ResidualLayout",
     "RotationUnsupported",
@@ -743,3 +746,62 @@ def _weighted_terms(W, roles, Q, names, structures, cov, gcov, st, rotated, rota
                 const += float((WC * (G @ Wn)).sum())
     terms += [(S, R) for S, R in groups.values()]
     return K, terms, const, fit_obj
+
+
+def sqrt_divisor(k: int) -> int:
+    """The divisor of ``k`` strictly between 1 and ``k`` nearest ``sqrt(k)`` (log scale;
+    of two equally near, the larger).
+
+    >>> sqrt_divisor(576), sqrt_divisor(192), sqrt_divisor(1536)
+    (24, 16, 48)
+    """
+    divs = [d for d in range(2, k) if k % d == 0]
+    if not divs:
+        raise ValueError(f"{k} has no divisor strictly between 1 and itself")
+    return min(divs, key=lambda d: (abs(math.log(d) - 0.5 * math.log(k)), -d))
+
+
+def rotation_a_shapes(model, names, *, method: str | None = None, ratio: float | None = None,
+                      macs_ratio: float | None = None, stats=None) -> dict:
+    """Layer type -> a Kronecker ``a_shape`` whose fit a rotation of the residual stream
+    can change: ``1 < n1 < n`` for readers (``W Q``), ``1 < m1 < m`` for writers
+    (``Q^T W``); the chooser's usual low-rank-like shapes are rotation invariant
+    (:func:`kronlab.rotate.procrustes_rotation`).
+
+    Without ``ratio``: ``(sqrt_divisor(m), sqrt_divisor(n))``. With ``ratio`` (and
+    ``macs_ratio``): the shape :func:`kronlab.choose_kron` finds best among those
+    rotatable shapes on the type's first layer, within the parameter and MACs budgets,
+    under ``method``'s objective with ``stats`` (a :class:`kronlab.calibration.Statistics`
+    or dict of C; None: weight error). Balanced shapes are expensive to run at high ranks
+    (SmolLM2 q_proj at 0.8: rank 230 at (24, 24), 19x the dense MACs), so a MACs cap
+    moves the choice towards thin ones. Used by ``kronlab compress --rotate`` and
+    ``scripts/ablation_sweep.py``.
+    """
+    from . import choose_kron, factor_shapes
+    from .compress import objective_of
+    from .models import layer_type, linear_weight
+
+    lay = residual_layout(model)
+    readers, writers = set(lay.readers), set(lay.writers)
+    objective = "weight" if method is None else objective_of(method)
+    cov = getattr(stats, "cov", stats)
+    gcov = getattr(stats, "gcov", None)
+    shapes: dict = {}
+    for n in names:
+        t = layer_type(n)
+        if t in shapes:
+            continue
+        W = linear_weight(model.get_submodule(n))[0]
+        m_, n_ = (int(v) for v in W.shape)
+        if ratio is None:
+            shapes[t] = (sqrt_divisor(m_), sqrt_divisor(n_))
+            continue
+        cands = [(a, b) for a, b in factor_shapes(m_, n_)
+                 if (n not in writers or 1 < a < m_) and (n not in readers or 1 < b < n_)]
+        C = cov[n] if objective != "weight" and cov is not None else None
+        G = gcov[n] if objective == "fisher" and gcov is not None and C is not None else None
+        ch = choose_kron(W.detach().to(torch.float64), param_budget=ratio * m_ * n_,
+                         macs_budget=None if macs_ratio is None else macs_ratio * m_ * n_,
+                         cov=C, gcov=G, shapes=cands, top_k=1, als_sweeps=0)
+        shapes[t] = tuple(int(v) for v in ch.a_shape)
+    return shapes

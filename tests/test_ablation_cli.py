@@ -1,0 +1,224 @@
+"""kronlab compress --rotate/--allocate/--closed-loop (checked before a model loads; a tiny
+round trip), and scripts/ablation_sweep.py on a tiny Llama (every variant, resume)."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_model import tiny_llama
+
+import kronlab.io
+import kronlab.models
+from kronlab.calibration import collect_statistics
+from kronlab.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "ablation_sweep.py"
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be in want of a wife.\n\n") * 150
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(kronlab.models, "load_model", boom)
+    monkeypatch.setattr(kronlab.io, "load_compressed", boom)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model, _ = tiny_llama(seed=0)
+    with torch.no_grad():  # norm weights other than 1, so that folding does something
+        for name, mod in model.named_modules():
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape))
+    model.save_pretrained(path)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+def _writes(name: str) -> bool:
+    """Whether a Llama layer writes into the residual stream (else it reads it)."""
+    return name.endswith(("o_proj", "down_proj"))
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    return " ".join(err.split())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "svd-aa", "--rotate", "procrustes"], r"rotation invariant"),
+    (["--method", "svd", "--rotate", "hadamard"], r"use a kron method, or --rotate none"),
+    (["--rotate", "procrustes", "--shape-policy", "per-layer"], r"--shape-policy per-type"),
+    (["--rotate", "random", "--shape-policy", "per-layer"], r"--rotate random fixes one"),
+    (["--rotate", "givens"], r"argument --rotate: invalid choice: 'givens'"),
+    (["--allocate", "--ratio", "1"], r"no budget to spread"),
+    (["--method", "kron", "--no-output-error", "--closed-loop"], r"--closed-loop collects"),
+])
+def test_pipeline_argument_errors(extra, message, capsys, tmp_path, tiny_dir, no_model_load):
+    out = tmp_path / "X"
+    err = _error(["compress", "--method", "kron-aa", "--ratio", "0.5", "--model", str(tiny_dir),
+                  "--out", str(out)] + extra, capsys)
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_help_documents_the_pipeline_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--rotate {none,procrustes,hadamard,random}", "--allocate", "--closed-loop",
+                   "--seed"):
+        assert option in text
+    args = build_parser().parse_args(["compress", "--method", "kron", "--ratio", "0.5",
+                                      "--out", "x"])
+    assert args.rotate == "none" and not args.allocate and not args.closed_loop
+
+
+@pytest.mark.parametrize("extra", [
+    ["--method", "kron-aa", "--rotate", "procrustes", "--allocate", "--closed-loop"],
+    ["--method", "kron-fisher", "--rotate", "hadamard", "--closed-loop", "--macs-ratio", "1"],
+    ["--method", "svd-aa", "--allocate"],
+])
+def test_pipeline_round_trip(extra, tiny_dir, tmp_path, capsys):
+    text = tmp_path / "pride.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "save"
+    rc = main(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--calibration", str(text),
+               "--calib-tokens", "128", "--seq-len", "32", "--dtype", "float32",
+               "--out", str(out), *extra])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    extra_cfg = json.loads((out / "kronlab.json").read_text())["config_extra"]
+    assert extra_cfg["report"]["summary"]["layers"] == 14
+    if "--rotate" in extra:
+        assert "rotation" in extra_cfg["timings"] and extra_cfg["rotation"]["extra_parameters"] > 0
+        # the fixed shapes a rotation can change: 1 < n1 < n (readers), 1 < m1 < m (writers)
+        for r in extra_cfg["report"]["layers"]:
+            i = 0 if _writes(r["name"]) else 1
+            assert 1 < r["a_shape"][i] < r["shape"][i], r
+        assert "rotate=" + extra[extra.index("--rotate") + 1] in stdout
+    if "--allocate" in extra:
+        assert "allocation" in extra_cfg["timings"]
+        assert len(extra_cfg["allocation"]["ratios"]) == 14
+        kept = extra_cfg["report"]["summary"]["layer_params_kept"]
+        assert kept <= 0.5 + 1e-9
+    if "--closed-loop" in extra:
+        assert extra_cfg["report"]["config"]["closed_loop"] is True
+    # the save loads, and evaluates to the same loss as what was saved (a rotation is exact)
+    from kronlab.io import load_compressed
+
+    model = load_compressed(out)[0]
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_rotation_alone_keeps_the_function(tiny_dir, tmp_path):
+    """The saved tiny model, folded (head untied, as --rotate does) and rotated, computes
+    the same logits: what --rotate changes is only the basis the fits see."""
+    from kronlab.rotate import fold_norms, hadamard, rotate_residual
+
+    model = kronlab.models.load_model(str(tiny_dir))[0].float().eval()
+    rotated = rotate_residual(fold_norms(model, tied_head="untie"), hadamard(32))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the sweep script
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("ablation_sweep", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rotation_a_shapes():
+    from kronlab.rotate import rotation_a_shapes, sqrt_divisor
+
+    assert sqrt_divisor(576) == 24 and sqrt_divisor(64) == 8
+    assert sqrt_divisor(32) == 8 and sqrt_divisor(16) == 4
+    with pytest.raises(ValueError, match="no divisor"):
+        sqrt_divisor(7)
+    model, _ = tiny_llama(seed=0)
+    shapes = rotation_a_shapes(model, kronlab.models.find_linear_layers(model))
+    assert shapes == {"self_attn.q_proj": (8, 8), "self_attn.k_proj": (4, 8),
+                      "self_attn.v_proj": (4, 8), "self_attn.o_proj": (8, 8),
+                      "mlp.gate_proj": (8, 8), "mlp.up_proj": (8, 8), "mlp.down_proj": (8, 8)}
+    # within budgets: rotatable (readers 1 < n1 < n, writers 1 < m1 < m) and affordable
+    stats = collect_statistics(model, torch.randint(0, 256, (2, 16)), progress=False)
+    chosen = rotation_a_shapes(model, kronlab.models.find_linear_layers(model),
+                               method="kron-fisher", ratio=0.5, macs_ratio=1.0, stats=stats)
+    for t, (m1, n1) in chosen.items():
+        m, n = {"self_attn.k_proj": (16, 32), "self_attn.v_proj": (16, 32),
+                "mlp.gate_proj": (64, 32), "mlp.up_proj": (64, 32),
+                "mlp.down_proj": (32, 64)}.get(t, (32, 32))
+        assert (1 < m1 < m) if _writes(t) else (1 < n1 < n), t
+
+
+def test_sweep_runs_every_variant_and_resumes(script, tmp_path, monkeypatch):
+    model, tok = tiny_llama(seed=0)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape))
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(kronlab.models, "load_model", lambda spec=None, **kw: (model, tok))
+    out = tmp_path / "abl.json"
+    tiny = ["--ratios", "0.5", "--calib-tokens", "128", "--seq-len", "32", "--eval-tokens", "96",
+            "--window", "32", "--threads", "1", "--procrustes-iters", "2", "--out", str(out)]
+    assert script.main([*tiny, "--methods", "svd-aa", "kron-fisher"]) == 0
+    res = json.loads(out.read_text())
+    runs = {(r["method"], r["variant"]): r for r in res["runs"]}
+    assert set(runs) == {("svd-aa", v) for v in ("none", "allocation", "closed-loop", "all")} | {
+        ("kron-fisher", v) for v in ("none", "allocation", "closed-loop", "rotation", "all")}
+    for (method, variant), r in runs.items():
+        assert set(r["ppl"]) == {"sotu", "austen"} and r["ppl"]["sotu"]["n_tokens"] <= 96
+        assert set(r["phases"]) == {"statistics", "rotation", "allocation", "fit"}
+        assert r["peak_rss_bytes"] > 0 and r["layer_params_kept"] <= 0.5 + 1e-9
+        if method == "kron-fisher":
+            assert r["macs_ratio"] == 1.0 and r["macs_kept"] <= 1.0 + 1e-9
+        if "rotation" in r["components"]:
+            assert r["phases"]["rotation"] > 0
+            # the tied head keeps its final norm as a d x d map: counted in the model
+            assert r["rotation"]["extra_parameters"] == 32 * 32
+            assert r["model_params"] == (res["dense"]["parameters"] - r["layer_params_before"]
+                                         + r["layer_params_after"] + 32 * 32)
+            for t, s in r["structures"].items():
+                assert 1 < s["a_shape"][0 if _writes(t) else 1], (t, s)
+        else:
+            assert r["model_params"] == (res["dense"]["parameters"] - r["layer_params_before"]
+                                         + r["layer_params_after"])
+        assert r["report"]["config"].get("closed_loop", False) == ("closed-loop" in r["components"])
+        assert ("allocation" in r) == ("allocation" in r["components"])
+    assert runs[("svd-aa", "all")]["components"] == ["allocation", "closed-loop"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+    # resume: a new seed adds its runs, the old ones stay
+    assert script.main([*tiny, "--methods", "svd-aa", "--variants", "none", "--seeds", "1",
+                        "--resume"]) == 0
+    res2 = json.loads(out.read_text())
+    assert len(res2["runs"]) == len(res["runs"]) + 1 and res2["config"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="different settings"):
+        script.main([*tiny[:-2], "--out", str(out), "--methods", "svd-aa", "--resume",
+                     "--window", "64"])
