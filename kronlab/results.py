@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "settings_differences",
+    "resumed_config",
     "BENCHMARKS",
     "DENSE_COMMAND",
     "SWEEP_COMMAND",
@@ -301,6 +302,28 @@ def error_ppl_correlation(frame: pd.DataFrame, corpus: str) -> dict:
         ok = len(d) >= 3 and d[c].nunique() > 1 and d[col].nunique() > 1
         out[key] = float(d[col].corr(d[c], method="spearman")) if ok else float("nan")
     return out
+
+
+def resumed_config(old_config: dict, config: dict, plan_keys, union_keys, path) -> dict:
+    """The configuration of a recorded file that ``--resume`` continues with ``config``.
+
+    Raises ``ValueError`` naming the results-defining settings
+    (:func:`settings_differences`) on which the two differ; otherwise returns
+    ``old_config`` with each of ``union_keys`` (lists: methods, ratios, ...) the union of
+    both, in order.
+
+    >>> resumed_config({"ratios": [0.8], "seed": 0}, {"ratios": [0.6], "seed": 0}, ["ratios"],
+    ...                ["ratios"], "f.json")
+    {'ratios': [0.8, 0.6], 'seed': 0}
+    """
+    diff = settings_differences(old_config, config, plan_keys)
+    if diff:
+        raise ValueError(f"--resume: {path} was made with different settings {diff}; "
+                         "use another --out")
+    merged = dict(old_config)
+    for key in union_keys:
+        merged[key] = list(dict.fromkeys(old_config[key] + config[key]))
+    return merged
 
 
 def settings_differences(old_config: dict, config: dict, plan_keys) -> list[str]:

@@ -55,7 +55,7 @@ from kronlab.defaults import (  # noqa: E402
 )
 from kronlab.rotate import rotation_a_shapes  # noqa: E402
 from kronlab.paths import results_dir, write_atomic  # noqa: E402
-from kronlab.results import settings_differences  # noqa: E402
+from kronlab.results import resumed_config  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
@@ -173,14 +173,12 @@ def main(argv=None) -> int:
                "dense": {}, "runs": []}
     if args.resume and out.exists():
         old = json.loads(out.read_text())
-        diff = settings_differences(old["config"], config, PLAN_KEYS)
-        if diff:
-            raise SystemExit(f"--resume: {out} was made with different settings {diff}; "
-                             "use another --out")
+        try:
+            old["config"] = resumed_config(old["config"], config, PLAN_KEYS,
+                                           ("methods", "ratios", "variants", "seeds"), out)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         results = old
-        oc = results["config"]
-        for key in ("methods", "ratios", "variants", "seeds"):
-            oc[key] = list(dict.fromkeys(oc[key] + config[key]))
         results.setdefault("commands", []).append(
             machine_info(args.device, load_start=load_start).get("command"))
         print(f"resuming: {len(results['runs'])} runs already in {out}")

@@ -58,7 +58,7 @@ from kronlab.defaults import (  # noqa: E402
     WINDOW,
 )
 from kronlab.paths import repo_root, results_dir, write_atomic  # noqa: E402
-from kronlab.results import settings_differences  # noqa: E402
+from kronlab.results import resumed_config  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 NAME = "heal_sweep"
@@ -145,14 +145,12 @@ def main(argv=None) -> int:
                "dense": {}, "runs": []}
     if args.resume and out.exists():
         old = json.loads(out.read_text())
-        diff = settings_differences(old["config"], config, PLAN_KEYS)
-        if diff:
-            raise SystemExit(f"--resume: {out} was made with different settings {diff}; use "
-                             "another --out")
+        try:
+            old["config"] = resumed_config(old["config"], config, PLAN_KEYS,
+                                           ("methods", "ratios"), out)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         results = old
-        oc = results["config"]
-        oc["methods"] = list(dict.fromkeys(oc["methods"] + config["methods"]))
-        oc["ratios"] = list(dict.fromkeys(oc["ratios"] + config["ratios"]))
         print(f"resuming: {len(results['runs'])} runs already in {out}", flush=True)
     elif out.exists():
         raise SystemExit(f"{out} exists: pass --resume to add to it, or choose another --out")

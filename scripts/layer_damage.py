@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from kronlab.defaults import CALIB_TOKENS, CALIBRATION, SEED, SEQ_LEN, THREADS, WINDOW  # noqa: E402
 from kronlab.paths import results_dir, write_atomic  # noqa: E402
-from kronlab.results import settings_differences  # noqa: E402
+from kronlab.results import resumed_config  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 __all__ = ["build_parser", "calibration_nll", "correlations", "main", "spearman"]
@@ -218,14 +218,13 @@ def main(argv=None) -> int:
                "statistics": {}, "dense": {}, "rows": [], "correlations": {}}
     if args.resume and out.exists():
         old = json.loads(out.read_text())
-        diff = settings_differences(old["config"], config, PLAN_KEYS)
-        if diff:
-            raise SystemExit(f"--resume: {out} was made with different settings {diff}; "
-                             "use another --out")
+        try:
+            old["config"] = resumed_config(old["config"], config, PLAN_KEYS,
+                                           ("blocks", "ratios", "methods"), out)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         results = old
         oc = results["config"]
-        for k in ("blocks", "ratios", "methods"):
-            oc[k] = list(dict.fromkeys(oc[k] + config[k]))
         oc["types"] = (None if oc["types"] is None or config["types"] is None
                        else list(dict.fromkeys(oc["types"] + config["types"])))
         oc.update(threads=config["threads"], device=config["device"],
