@@ -22,13 +22,15 @@ torch.Size([576, 1536])
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import hashlib
 import importlib.util
 import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,9 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_MODEL",
+    "BlockInputCache",
     "block_index",
+    "decoder_blocks",
     "default_gguf_path",
     "find_linear_layers",
     "is_linear",
@@ -302,3 +306,139 @@ def set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> nn.Modu
         raise KeyError(f"model has no submodule {name!r}") from exc
     setattr(parent, child, new_module)
     return old
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of the model's decoder blocks (``model.layers``, ``transformer.h``).
+
+    The longest non-empty ModuleList of the model; a ``ValueError`` if it has none.
+    """
+    lists = [mod for name, mod in model.named_modules()
+             if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder blocks "
+                         "(expected e.g. model.layers or transformer.h)")
+    return max(lists, key=len)
+
+
+def _digest(t: torch.Tensor) -> tuple:
+    """A key for a tensor's exact contents: shape, dtype and a BLAKE2 digest of its bytes."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return tuple(t.shape), str(t.dtype), hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class _Replayed(nn.Module):
+    """Stands in for block 0 under :meth:`BlockInputCache.skip`: returns the recorded output
+    of block ``b - 1`` for the embeddings it is given."""
+
+    def __init__(self, outputs: dict, as_tuple: bool, block: int):
+        super().__init__()
+        self.outputs, self.as_tuple, self.block = outputs, as_tuple, block
+
+    def forward(self, hidden_states, *args, **kwargs):
+        key = _digest(hidden_states)
+        if key not in self.outputs:
+            raise KeyError(f"no recorded input of block {self.block} for an input of shape "
+                           f"{tuple(hidden_states.shape)}: call the model on these tokens under "
+                           "BlockInputCache.record() first (with blocks before it unchanged)")
+        y = self.outputs[key]
+        return (y,) if self.as_tuple else y
+
+
+class _PassThrough(nn.Module):
+    """Stands in for blocks 1 .. b-1 under :meth:`BlockInputCache.skip`: the identity."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class BlockInputCache:
+    """Record what enters decoder block ``b``; later calls skip blocks ``0 .. b-1``.
+
+    When only blocks ``>= b`` of a model change (one layer of block ``b`` compressed, say),
+    their input on given tokens is what it was on the unchanged model, so an evaluation
+    need not recompute the first ``b`` blocks. Under :meth:`record`, the model's calls
+    store the output of block ``b - 1`` (for every ``b`` in ``blocks``) keyed by the exact
+    contents of the embeddings entering block 0. Under :meth:`skip` (``b``), block 0 is
+    replaced by a lookup of that output and blocks ``1 .. b-1`` by the identity; the
+    model's own forward (embeddings, masks, positions, blocks ``>= b``, norm, head) runs
+    unchanged, so its outputs equal a full forward's. Embeddings never recorded raise a
+    ``KeyError``; the blocks are restored on leaving the context, also after an error.
+
+    Memory: one (batch, seq, hidden) tensor per recorded call and block.
+
+    >>> cache = BlockInputCache(model, blocks=[14, 29])       # doctest: +SKIP
+    >>> with cache.record():
+    ...     dense = evaluate(model)                          # full forward, recorded
+    >>> with cache.skip(29):
+    ...     changed = evaluate(model)                        # blocks 0..28 looked up
+    """
+
+    def __init__(self, model: nn.Module, blocks: Iterable[int]):
+        self.model = model
+        self.blocks_list = decoder_blocks(model)
+        self.blocks = sorted({int(b) for b in blocks})
+        bad = [b for b in self.blocks if not 0 <= b < len(self.blocks_list)]
+        if bad:
+            raise ValueError(f"blocks {bad} out of range: the model has blocks 0.."
+                             f"{len(self.blocks_list) - 1}")
+        self.outputs: dict[int, dict] = {b: {} for b in self.blocks if b > 0}
+        self.as_tuple = False
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes held by the recorded tensors."""
+        return sum(t.numel() * t.element_size() for d in self.outputs.values() for t in d.values())
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[BlockInputCache]:
+        """Within the context, every call of the model records the inputs of ``blocks``."""
+        key: list = [None]
+
+        def first(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            key[0] = _digest(hidden)
+
+        def make(b):
+            def hook(module, args, output):
+                y = output[0] if isinstance(output, (tuple, list)) else output
+                self.as_tuple = isinstance(output, (tuple, list))
+                self.outputs[b][key[0]] = y.detach().clone()
+            return hook
+
+        handles = [self.blocks_list[0].register_forward_pre_hook(first, with_kwargs=True)]
+        handles += [self.blocks_list[b - 1].register_forward_hook(make(b)) for b in self.outputs]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def skip(self, block: int) -> Iterator[BlockInputCache]:
+        """Within the context, blocks ``0 .. block-1`` are replaced by the recorded lookup."""
+        block = int(block)
+        if block == 0:
+            yield self
+            return
+        if block not in self.outputs:
+            raise ValueError(f"block {block} was not recorded; recorded: {sorted(self.outputs)}")
+        if not self.outputs[block]:
+            raise ValueError(f"nothing recorded for block {block}: run the model under record() first")
+        originals = [self.blocks_list[i] for i in range(block)]
+        stand_ins = [_Replayed(self.outputs[block], self.as_tuple, block)]
+        stand_ins += [_PassThrough(self.as_tuple) for _ in range(1, block)]
+        for i, (orig, new) in enumerate(zip(originals, stand_ins, strict=True)):
+            for attr in ("attention_type", "layer_idx"):  # read by some models' forward
+                if hasattr(orig, attr):
+                    setattr(new, attr, getattr(orig, attr))
+            self.blocks_list[i] = new
+        try:
+            yield self
+        finally:
+            for i, orig in enumerate(originals):
+                self.blocks_list[i] = orig

@@ -111,3 +111,23 @@ def test_spearman_and_correlations(script):
     assert c["calib_increase"]["all"]["weight_error"] == pytest.approx(1)
     assert c["eval_increase"]["a"]["fisher_error"] == pytest.approx(-1)
     assert math.isnan(c["calib_increase"]["all"]["output_error"])
+
+
+def test_reused_prefix_gives_the_full_forward_numbers(script, tiny, tmp_path):
+    """A row evaluated from its block on (blocks before it looked up) equals the full forward."""
+    model, snapshot, modules = tiny
+    args = [*TINY, "--blocks", "1", "--types", "mlp.down_proj", "--methods", "svd", "svd-aa"]
+    fast, slow = tmp_path / "fast.json", tmp_path / "slow.json"
+    script.main([*args, "--out", str(fast)])
+    script.main([*args, "--no-reuse-prefix", "--out", str(slow)])
+    f, s = json.loads(fast.read_text()), json.loads(slow.read_text())
+    assert [r["prefix_reused"] for r in f["rows"]] == [True, True]
+    assert [r["prefix_reused"] for r in s["rows"]] == [False, False]
+    assert f["sessions"][0]["prefix_check"]["1"]["max_relative_deviation"] <= 1e-6
+    for a, b in zip(f["rows"], s["rows"], strict=True):
+        for key in ("calib_nll", "eval_nll", "output_error"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+        assert a["calib_increase"] != 0  # the compressed layer is seen
+    assert dict(model.named_modules()) == modules  # the blocks are put back
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k

@@ -7,7 +7,15 @@ import torch
 from tiny_model import tiny_gpt2, tiny_llama
 from torch import nn
 
-from kronlab.models import find_linear_layers, linear_weight, load_model, model_info, set_submodule
+from kronlab.models import (
+    BlockInputCache,
+    decoder_blocks,
+    find_linear_layers,
+    linear_weight,
+    load_model,
+    model_info,
+    set_submodule,
+)
 
 
 def _dense_output(module, x):
@@ -117,3 +125,41 @@ def test_load_default_smollm2():
     res = perplexity(model, tok, ev, window=1024, max_tokens=2048, progress=False)
     assert res["n_windows"] == 2 and res["n_predicted"] == 2046
     assert 10 < res["perplexity"] < 80, res
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_block_input_cache_equals_full_forward(make):
+    """Blocks 0..b-1 looked up: logits of a model changed in block b equal a full forward's."""
+    model, _ = make(seed=3, n_layers=4)
+    blocks = decoder_blocks(model)
+    assert len(blocks) == 4
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 17), generator=gen), torch.randint(0, 256, (1, 9), generator=gen)]
+    cache = BlockInputCache(model, blocks=[0, 2, 3])
+    with torch.no_grad(), cache.record():
+        dense = [model(input_ids=b, use_cache=False).logits for b in batches]
+    assert cache.n_bytes > 0
+    name = next(n for n in find_linear_layers(model) if ".2." in n)
+    layer = model.get_submodule(name)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # change block 2 only
+        full = [model(input_ids=b, use_cache=False).logits for b in batches]
+        for b in (0, 2):
+            with cache.skip(b):
+                fast = [model(input_ids=x, use_cache=False).logits for x in batches]
+            for f, g in zip(fast, full, strict=True):
+                torch.testing.assert_close(f, g, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(full[0], dense[0])  # the change is seen
+        # block 3's recorded input predates the change to block 2: looking it up is wrong,
+        # which is why the cache is only for changes in blocks >= b
+        with cache.skip(3):
+            stale = model(input_ids=batches[0], use_cache=False).logits
+        assert not torch.allclose(stale, full[0])
+    originals = list(blocks)
+    with pytest.raises(KeyError, match="record"), torch.no_grad(), cache.skip(2):
+        model(input_ids=torch.randint(0, 256, (1, 5), generator=gen), use_cache=False)
+    assert list(decoder_blocks(model)) == originals  # restored after the error
+    with pytest.raises(ValueError, match="not recorded"), cache.skip(1):
+        pass
+    with pytest.raises(ValueError, match="out of range"):
+        BlockInputCache(model, blocks=[4])
