@@ -7,14 +7,16 @@ for three students of SmolLM2-135M in one run on one machine:
 
 * ``dense``: the model itself, its decoder-block linear weights trained (the cost a
   dense fine-tune of the same layers would have);
-* ``kron-aa``: compressed with ``kron-aa`` at ``--ratio`` (default 0.8), factors trained;
+* the Kronecker student: compressed with ``--kron-method`` (default ``kron-fisher`` with
+  ``--macs-cap 1.0``, the configuration that ``scripts/heal_sweep.py`` heals) at
+  ``--ratio`` (default 0.8), factors trained;
 * ``svd-aa``: compressed with ``svd-aa`` at the same ratio (the same parameter budget).
 
 Each student's decoder blocks are recomputed in the backward pass when its Kronecker
 intermediates exceed :data:`kronlab.defaults.HEAL_ACTIVATION_LIMIT`, as :func:`heal`
 does; the row records it. Regenerate ``data/results/bench_heal.json`` with::
 
-    .venv/bin/python benchmarks/bench_heal.py                 # whole model: kron-aa
+    .venv/bin/python benchmarks/bench_heal.py                 # whole model: kron-fisher
                                                                # compression takes 10-25 min
     .venv/bin/python benchmarks/bench_heal.py --quick         # 2 blocks, short steps: printed
     .venv/bin/python benchmarks/bench_heal.py --device cuda   # on a GPU (bfloat16 autocast)
@@ -75,8 +77,13 @@ def measure(model, tokenizer, *, ratio: float = 0.8, blocks: int | None = None,
             batch_size: int = HEAL_BATCH_SIZE, seq_len: int = HEAL_SEQ_LEN,
             calibration: str = CALIBRATION, calib_text: str | None = None,
             calib_tokens: int = 4096, repeats: int = 3, device="cpu", seed: int = SEED,
-            model_name: str = "smollm2") -> dict:
-    """Time one training step of the dense model and its kron-aa and svd-aa students.
+            model_name: str = "smollm2", kron_method: str = "kron-fisher",
+            macs_cap: float | None = 1.0) -> dict:
+    """Time one training step of the dense model and its Kronecker and svd-aa students.
+
+    The Kronecker student is compressed with ``kron_method`` (``macs_ratio=macs_cap``);
+    the ``-fisher`` methods collect the output-gradient covariances from the same
+    calibration tokens.
 
     ``blocks`` restricts compression (and, for the dense row, training) to the first
     ``blocks`` decoder blocks. Returns the result dict: ``rows`` (one per student:
@@ -103,10 +110,14 @@ def measure(model, tokenizer, *, ratio: float = 0.8, blocks: int | None = None,
     calib = calibration_token_batches(tokenizer, calib_text, n_tokens=calib_tokens,
                                       seq_len=min(seq_len, calib_tokens), seed=seed)
     students, summaries, compress_seconds = {}, {}, {}
-    for method in ("kron-aa", "svd-aa"):
+    if not kron_method.startswith("kron"):
+        raise ValueError(f"kron_method must be a Kronecker method (kron, kron-aa, kron-fisher), "
+                         f"got {kron_method!r}")
+    for method in (kron_method, "svd-aa"):
         t0 = time.perf_counter()
-        students[method], rep = compress(model, method=method, ratio=ratio, calibration=calib,
-                                         layers=layers, device=device, progress=False)
+        students[method], rep = compress(
+            model, method=method, ratio=ratio, calibration=calib, layers=layers, device=device,
+            progress=False, macs_ratio=macs_cap if method.startswith("kron") else None)
         compress_seconds[method] = time.perf_counter() - t0
         summaries[method] = rep.summary()
     # the teacher: a frozen copy, so that the dense row may train the model's own weights
@@ -146,7 +157,8 @@ def measure(model, tokenizer, *, ratio: float = 0.8, blocks: int | None = None,
               "seq_len": seq_len, "tokens_per_step": tokens, "calibration": calibration,
               "calib_tokens": calib_tokens, "repeats": repeats, "device": str(device),
               "dtype": "float32" + (" (bfloat16 autocast)" if elt == 2 else ""),
-              "threads": torch.get_num_threads(), "seed": seed,
+              "threads": torch.get_num_threads(), "seed": seed, "kron_method": kron_method,
+              "macs_cap": macs_cap,
               "activation_limit": HEAL_ACTIVATION_LIMIT}
     return {"benchmark": NAME, "title": TITLE, "config": config, "rows": rows,
             "compress_seconds": compress_seconds, "compress": summaries,
@@ -177,6 +189,11 @@ def report(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.8)
+    ap.add_argument("--kron-method", default="kron-fisher", choices=["kron", "kron-aa", "kron-fisher"],
+                    help="the Kronecker student's method (default kron-fisher, as healed)")
+    ap.add_argument("--macs-cap", type=float, default=1.0,
+                    help="the Kronecker student's forward MACs budget as a fraction of dense "
+                         "(default 1.0; 0 for none)")
     ap.add_argument("--quick", action="store_true",
                     help=f"{QUICK['blocks']} blocks compressed, steps of {QUICK['batch_size']} "
                          f"x {QUICK['seq_len']} tokens, {QUICK['repeats']} rounds (a few "
@@ -199,7 +216,12 @@ def main(argv=None) -> int:
         kw = {k: QUICK[k] for k in ("blocks", "batch_size", "seq_len", "repeats")}
         kw["calib_tokens"] = QUICK["calib_tokens"]
     model, tok = load_model(device=args.device)
-    result = measure(model, tok, ratio=args.ratio, device=args.device, **kw)
+    if not 0 < args.ratio <= 1:
+        ap.error(f"--ratio must lie in (0, 1], got {args.ratio}")
+    if args.macs_cap < 0:
+        ap.error(f"--macs-cap must be positive (or 0 for no MACs budget), got {args.macs_cap}")
+    result = measure(model, tok, ratio=args.ratio, device=args.device,
+                     kron_method=args.kron_method, macs_cap=args.macs_cap or None, **kw)
     print(report(result))
     whole = kw["blocks"] is None
     out = args.out if args.out is not None or not whole else results_dir() / f"{NAME}.json"

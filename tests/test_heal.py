@@ -647,9 +647,13 @@ def test_bench_heal_on_a_tiny_model(monkeypatch):
     result = bench.measure(teacher, tok, ratio=0.8, blocks=1, batch_size=2, seq_len=32,
                            calib_text=TRAIN, calib_tokens=128, repeats=1, model_name="tiny")
     rows = {r["student"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "kron-aa", "svd-aa"}
+    assert set(rows) == {"dense", "kron-fisher", "svd-aa"}  # the student heal_sweep heals
+    assert result["config"]["kron_method"] == "kron-fisher" and result["config"]["macs_cap"] == 1.0
+    assert rows["kron-fisher"]["macs_kept"] <= 1.0
     assert all(r["tokens_per_second"] > 0 and r["trained_parameters"] > 0 for r in rows.values())
     assert rows["dense"]["trained_parameters"] == 32 * 32 * 2 + 16 * 32 * 2 + 64 * 32 * 3
     assert all(p.requires_grad for p in teacher.parameters())  # left as it was
     assert "tokens/s" in bench.report(result)
     json.dumps(result)
+    with pytest.raises(ValueError, match="Kronecker method"):
+        bench.measure(teacher, tok, kron_method="svd-aa", blocks=1, calib_text=TRAIN)
