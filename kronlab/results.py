@@ -449,18 +449,28 @@ def load_ablation(path=None) -> dict:
 def ablation_frame(data: dict) -> pd.DataFrame:
     """One row per run of :func:`load_ablation`'s dict.
 
-    Columns: seed, ratio, method, variant, layer_params_kept, model_params_kept,
-    macs_kept, compress_seconds, the four phase times (``seconds_<phase>``),
-    peak_rss_gib, and per corpus ``ppl_<c>`` and ``over_dense_<c>``. Sorted by ratio
-    (descending), method, variant in :data:`ABLATION_VARIANTS` order, seed.
+    Columns: seed, ratio, method, variant, allocation, layer_params_kept,
+    model_params_kept, macs_kept, compress_seconds, the four phase times
+    (``seconds_<phase>``), peak_rss_gib, and per corpus ``ppl_<c>`` and ``over_dense_<c>``.
+    ``allocation`` is the allocation's settings (its metric, and floor if any: ``"fisher"``,
+    ``"output, floor 0.4"``; empty for variants without allocation) and, where set, is
+    appended to ``variant`` in brackets (``"allocation [fisher]"``), so runs with other
+    allocation settings stay apart. Sorted by ratio (descending), method, variant in
+    :data:`ABLATION_VARIANTS` order, allocation, seed.
     """
     import pandas as pd
 
     dense = {c: v["perplexity"] for c, v in data["dense"].get("ppl", {}).items()}
     rows = []
     for run in data["runs"]:
+        akey = run.get("allocation_key")
+        if akey is None and "allocation" in run:
+            a = run["allocation"]
+            akey = a["metric"] + ("" if a.get("min_ratio") is None else f", floor {a['min_ratio']:g}")
+        akey = akey or ""
         row = {"seed": run["seed"], "ratio": float(run["ratio"]), "method": run["method"],
-               "variant": run["variant"], "layer_params_kept": run.get("layer_params_kept"),
+               "variant": run["variant"] + (f" [{akey}]" if akey else ""), "allocation": akey,
+               "layer_params_kept": run.get("layer_params_kept"),
                "model_params_kept": run.get("model_params_kept"),
                "macs_kept": run.get("macs_kept"), "compress_seconds": run.get("compress_seconds"),
                "peak_rss_gib": (run["peak_rss_bytes"] / 2**30 if run.get("peak_rss_bytes")
@@ -474,7 +484,8 @@ def ablation_frame(data: dict) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if len(df):
         order = {v: i for i, v in enumerate(ABLATION_VARIANTS)}
-        df["_v"] = df["variant"].map(lambda v: order.get(v, len(order)))
-        df = (df.sort_values(["ratio", "method", "_v", "seed"], ascending=[False, True, True, True])
+        df["_v"] = df["variant"].map(lambda v: order.get(v.split(" [")[0], len(order)))
+        df = (df.sort_values(["ratio", "method", "_v", "allocation", "seed"],
+                             ascending=[False, True, True, True, True])
                 .drop(columns="_v").reset_index(drop=True))
     return df

@@ -8,7 +8,13 @@ For each seed (of the calibration token sample), ratio, method and variant, comp
 model and record the perplexity on the held-out part of each evaluation corpus. Variants:
 
 * ``none``: :func:`kronlab.compress.compress` at a uniform ratio (open loop);
-* ``allocation``: per-layer ratios from :func:`kronlab.allocate.allocate`;
+* ``allocation``: per-layer ratios from :func:`kronlab.allocate.allocate`, scored by
+  ``--alloc-metric`` (``fisher``: the K-FAC loss increase for every method, ``G``
+  collected from the calibration tokens; ``own``: the method's own metric, the output
+  error weighted by output energy for the ``-aa`` methods) with every layer's ratio at
+  least ``--alloc-min-ratio`` (none by default). These settings are part of a run's
+  identity (its ``allocation_key``, e.g. ``fisher`` or ``output, floor 0.4``), so runs
+  with other settings are added to the same file, not skipped by ``--resume``;
 * ``closed-loop``: :func:`kronlab.closed_loop.compress_closed_loop` (each block's ``C``
   on the partly compressed model; the Fisher ``G`` stays open loop);
 * ``rotation`` (Kronecker methods only; a low-rank error is rotation invariant): fold the
@@ -62,7 +68,8 @@ VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
 #: what each variant adds (``all`` has no rotation for low-rank methods)
 COMPONENTS = {"none": (), "allocation": ("allocation",), "closed-loop": ("closed-loop",),
               "rotation": ("rotation",), "all": ("rotation", "allocation", "closed-loop")}
-PLAN_KEYS = ("methods", "ratios", "variants", "seeds", "threads", "device")
+PLAN_KEYS = ("methods", "ratios", "variants", "seeds", "threads", "device", "alloc_metric",
+             "alloc_min_ratio")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procrustes-iters", type=int, default=20, help="Frobenius rounds")
     p.add_argument("--procrustes-weighted-rounds", type=int, default=1)
     p.add_argument("--alloc-measure", default="fit", choices=["fit", "spectrum"])
+    p.add_argument("--alloc-metric", default="fisher", choices=["fisher", "own"],
+                   help="allocation: score every method by the K-FAC (Fisher) loss increase "
+                        "(default; collects G), or by the method's own metric ('own')")
+    p.add_argument("--alloc-min-ratio", type=float, default=None,
+                   help="allocation: the least ratio any layer may get (default: none)")
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(results_dir() / "llm_ablation.json"))
@@ -134,6 +146,24 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def allocation_key(metric: str, min_ratio: float | None) -> str:
+    """A run's allocation settings as a label: ``"fisher"``, ``"output, floor 0.4"``.
+
+    >>> allocation_key("output", None), allocation_key("fisher", 0.4)
+    ('output', 'fisher, floor 0.4')
+    """
+    return metric if min_ratio is None else f"{metric}, floor {min_ratio:g}"
+
+
+def run_key(run: dict) -> tuple:
+    """A recorded run's identity: seed, ratio, method, variant and its allocation settings
+    (runs recorded before the settings were keyed carry their allocation's metric)."""
+    key = run.get("allocation_key")
+    if key is None and "allocation" in run:
+        key = allocation_key(run["allocation"]["metric"], run["allocation"].get("min_ratio"))
+    return run["seed"], run["ratio"], run["method"], run["variant"], key or ""
+
+
 def _json_structures(structures) -> dict:
     return {t: {k: ([int(x) for x in v] if k == "a_shape" else v) for k, v in s.items()}
             for t, s in structures.items()}
@@ -153,6 +183,9 @@ def main(argv=None) -> int:
             p.error(f"--ratios must be in (0, 1], got {r}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error("--seeds must be distinct")
+    if args.alloc_min_ratio is not None and not 0 < args.alloc_min_ratio <= min(args.ratios):
+        p.error(f"--alloc-min-ratio must lie in (0, {min(args.ratios):g}] (at most the smallest "
+                f"of --ratios), got {args.alloc_min_ratio}")
 
     import torch
 
@@ -183,6 +216,13 @@ def main(argv=None) -> int:
             machine_info(args.device, load_start=load_start).get("command"))
         print(f"resuming: {len(results['runs'])} runs already in {out}")
 
+    from kronlab.compress import objective_of as _objective
+
+    def alloc_metric(method: str) -> str:
+        """The metric the allocation of ``method`` is scored by under ``--alloc-metric``."""
+        own = {"fisher": "fisher", "output": "output", "weight": "weight"}[_objective(method)]
+        return "fisher" if args.alloc_metric == "fisher" else own
+
     plan = []
     for seed in args.seeds:  # a seed's runs share its statistics
         for ratio in args.ratios:
@@ -190,8 +230,10 @@ def main(argv=None) -> int:
                 for variant in args.variants:
                     if variant == "rotation" and not method.startswith("kron"):
                         continue  # a low-rank error does not change under a rotation
-                    plan.append((seed, ratio, method, variant))
-    done = {(r["seed"], r["ratio"], r["method"], r["variant"]) for r in results["runs"]}
+                    key = (allocation_key(alloc_metric(method), args.alloc_min_ratio)
+                           if "allocation" in COMPONENTS[variant] else "")
+                    plan.append((seed, ratio, method, variant, key))
+    done = {run_key(r) for r in results["runs"]}
     todo = [x for x in plan if x not in done]
     if not todo:
         print(f"nothing to do: all {len(plan)} runs are in {out}")
@@ -204,7 +246,8 @@ def main(argv=None) -> int:
     eval_texts = {name: split_corpus(name)[1] for name in args.eval}
     calib_text = split_corpus(args.calibration)[0]
     names = list(find_linear_layers(model, include=args.layers))
-    fisher = any(objective_of(m) == "fisher" for m in args.methods)
+    fisher = any(objective_of(m) == "fisher" or (key and "fisher" in key)
+                 for _, _, m, _, key in todo)
 
     def evaluate(m) -> dict:
         return {name: perplexity(m, tok, text, window=args.window, max_tokens=args.eval_tokens,
@@ -244,7 +287,7 @@ def main(argv=None) -> int:
                         fstats_seconds=time.perf_counter() - t)
         return data
 
-    for seed, ratio, method, variant in todo:
+    for seed, ratio, method, variant, akey in todo:
         data = seed_data(seed)
         kron = method.startswith("kron")
         macs = args.macs_cap if kron and args.macs_cap and args.macs_cap > 0 else None
@@ -257,6 +300,8 @@ def main(argv=None) -> int:
                   "fit": 0.0}
         run = {"seed": seed, "ratio": ratio, "method": method, "variant": variant,
                "components": comps, "macs_ratio": macs, "statistics_shared": True}
+        if akey:
+            run["allocation_key"] = akey
         t_run = time.perf_counter()
         base, stats, structures = model, data["stats"], None
         if "rotation" in comps:
@@ -291,16 +336,18 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             a_shapes = None if structures is None else {k: v["a_shape"]
                                                         for k, v in structures.items()}
-            alloc = allocate(base, stats if use_g else stats.cov, method=method, ratio=ratio,
+            alloc_g = alloc_metric(method) == "fisher"
+            alloc = allocate(base, stats if alloc_g else stats.cov, method=method, ratio=ratio,
                              macs_ratio=macs, layers=args.layers, a_shapes=a_shapes,
                              measure=args.alloc_measure, als_sweeps=args.als_sweeps,
-                             progress=False)
+                             min_ratio=args.alloc_min_ratio, progress=False)
             phases["allocation"] = time.perf_counter() - t
             ratios = alloc.ratios
             run["allocation"] = {"ratios": alloc.ratios, "metric": alloc.metric,
                                  "predicted_loss": alloc.predicted_loss,
                                  "uniform_loss": alloc.uniform_loss,
-                                 "fallback_uniform": alloc.fallback_uniform}
+                                 "fallback_uniform": alloc.fallback_uniform,
+                                 "min_ratio": args.alloc_min_ratio}
         common = dict(method=method, ratio=ratio, ratios=ratios, structures=structures,
                       gcovariances=stats.gcov if use_g else None, macs_ratio=macs,
                       layers=args.layers, als_sweeps=args.als_sweeps, device=args.device,
@@ -336,7 +383,8 @@ def main(argv=None) -> int:
         results["runs"].append(run)
         write_atomic(out, json.dumps(results, indent=1, default=str))
         ppl = ", ".join(f"{k} {v['perplexity']:.2f}" for k, v in run["ppl"].items())
-        print(f"seed {seed} {method:11s} {ratio:.2f} {variant:11s}: {ppl}; params kept "
+        label = variant + (f" [{akey}]" if akey else "")
+        print(f"seed {seed} {method:11s} {ratio:.2f} {label:11s}: {ppl}; params kept "
               f"{run['model_params_kept']:.3f}, MACs {run['macs_kept']:.3f}, "
               f"{run['compress_seconds']:.0f} s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB",
               flush=True)

@@ -12,6 +12,7 @@ from tiny_model import tiny_llama
 
 import kronlab.io
 import kronlab.models
+import kronlab.results
 from kronlab.calibration import collect_statistics
 from kronlab.cli import build_parser, main
 
@@ -211,6 +212,8 @@ def test_sweep_runs_every_variant_and_resumes(script, tmp_path, monkeypatch):
                                          + r["layer_params_after"])
         assert r["report"]["config"].get("closed_loop", False) == ("closed-loop" in r["components"])
         assert ("allocation" in r) == ("allocation" in r["components"])
+        if "allocation" in r:  # every method's allocation scored by the Fisher loss
+            assert r["allocation"]["metric"] == "fisher" and r["allocation_key"] == "fisher"
     assert runs[("svd-aa", "all")]["components"] == ["allocation", "closed-loop"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshot[k]), k
@@ -219,6 +222,20 @@ def test_sweep_runs_every_variant_and_resumes(script, tmp_path, monkeypatch):
                         "--resume"]) == 0
     res2 = json.loads(out.read_text())
     assert len(res2["runs"]) == len(res["runs"]) + 1 and res2["config"]["seeds"] == [0, 1]
+    # other allocation settings are other runs: added, the recorded ones kept
+    assert script.main([*tiny, "--methods", "svd-aa", "--variants", "allocation", "none",
+                        "--alloc-metric", "own", "--alloc-min-ratio", "0.25", "--resume"]) == 0
+    res3 = json.loads(out.read_text())
+    new = res3["runs"][len(res2["runs"]):]
+    assert [(r["variant"], r["allocation_key"]) for r in new] == [("allocation", "output, floor 0.25")]
+    assert all(v >= 0.25 for v in new[0]["allocation"]["ratios"].values())
+    frame = kronlab.results.ablation_frame(res3)
+    assert {"allocation [fisher]", "allocation [output, floor 0.25]"} <= set(frame.variant)
+    assert script.main([*tiny, "--methods", "svd-aa", "--variants", "allocation",
+                        "--alloc-metric", "own", "--alloc-min-ratio", "0.25", "--resume"]) == 0
+    assert len(json.loads(out.read_text())["runs"]) == len(res3["runs"])  # nothing to do
+    with pytest.raises(SystemExit):
+        script.main([*tiny, "--alloc-min-ratio", "0.7", "--resume"])  # above the ratio
     with pytest.raises(SystemExit, match="different settings"):
         script.main([*tiny[:-2], "--out", str(out), "--methods", "svd-aa", "--resume",
                      "--window", "64"])

@@ -390,8 +390,11 @@ def _fake_ablation():
                 "compress_seconds": 3.0, "peak_rss_bytes": 2**31,
                 "ppl": {"sotu": {"perplexity": ppl}}}
     return {"config": {}, "machine": {}, "dense": {"ppl": {"sotu": {"perplexity": 25.0}}},
-            "runs": [run(0, "svd-aa", "all", 50.0), run(0, "svd-aa", "none", 100.0),
-                     run(1, "svd-aa", "none", 90.0), run(0, "kron-fisher", "rotation", 75.0)]}
+            "runs": [run(0, "svd-aa", "all", 50.0) | {"allocation_key": "fisher"},
+                     run(0, "svd-aa", "none", 100.0), run(1, "svd-aa", "none", 90.0),
+                     run(0, "kron-fisher", "rotation", 75.0),
+                     # recorded before allocation settings were keyed: read from its allocation
+                     run(0, "svd-aa", "allocation", 500.0) | {"allocation": {"metric": "output"}}]}
 
 
 def test_ablation_frame(tmp_path):
@@ -400,9 +403,10 @@ def test_ablation_frame(tmp_path):
     df = results.ablation_frame(results.load_ablation(path))
     assert list(zip(df.method, df.variant, df.seed, strict=True)) == [
         ("kron-fisher", "rotation", 0), ("svd-aa", "none", 0), ("svd-aa", "none", 1),
-        ("svd-aa", "all", 0)]
-    assert list(df["over_dense_sotu"]) == [3.0, 4.0, 3.6, 2.0]
-    assert df["peak_rss_gib"].tolist() == [2.0] * 4
-    assert df["seconds_fit"].tolist() == [2.0] * 4
+        ("svd-aa", "allocation [output]", 0), ("svd-aa", "all [fisher]", 0)]
+    assert df["allocation"].tolist() == ["", "", "", "output", "fisher"]
+    assert list(df["over_dense_sotu"]) == [3.0, 4.0, 3.6, 20.0, 2.0]
+    assert df["peak_rss_gib"].tolist() == [2.0] * 5
+    assert df["seconds_fit"].tolist() == [2.0] * 5
     with pytest.raises(FileNotFoundError, match="scripts/ablation_sweep.py"):
         results.load_ablation(tmp_path / "none.json")
