@@ -332,6 +332,8 @@ def compress_settings(args) -> dict:
         "exclude": _patterns(args.exclude, "--exclude", prog),
         "device": device, "threads": args.threads, "dtype": args.dtype, "out": str(out),
         "rotate": args.rotate, "allocate": args.allocate, "closed_loop": args.closed_loop,
+        "alloc_metric": args.alloc_metric if args.allocate else None,
+        "alloc_min_ratio": args.alloc_min_ratio,
     }
 
 
@@ -351,6 +353,16 @@ def _check_pipeline(args, calibrate: bool, prog: str) -> None:
     if args.allocate and args.ratio >= 1:
         raise UsageError("--allocate with --ratio 1: every layer keeps all its parameters, "
                          "there is no budget to spread; use a ratio below 1", prog)
+    if not args.allocate and args.alloc_min_ratio is not None:
+        raise UsageError("--alloc-min-ratio bounds the ratios of --allocate; add --allocate "
+                         "or drop it", prog)
+    if args.alloc_min_ratio is not None and not 0 < args.alloc_min_ratio <= args.ratio:
+        raise UsageError(f"--alloc-min-ratio must lie in (0, --ratio {args.ratio:g}], got "
+                         f"{args.alloc_min_ratio:g}", prog)
+    if args.allocate and args.alloc_metric == "fisher" and not calibrate:
+        raise UsageError("--alloc-metric fisher scores layers by the loss gradients on "
+                         "calibration text; drop --no-output-error or use --alloc-metric own",
+                         prog)
     if args.closed_loop and not calibrate:
         raise UsageError("--closed-loop collects statistics on calibration text; drop "
                          "--no-output-error", prog)
@@ -369,7 +381,9 @@ def _settings_line(s: dict) -> str:
              f"permute={s['permute'] or 'none'}", f"shape_policy={s['shape_policy']}",
              f"layers={layers}", f"exclude={', '.join(s['exclude']) if s['exclude'] else 'none'}",
              f"device={s['device']}", f"threads={s['threads']}", f"dtype={s['dtype']}",
-             f"rotate={s['rotate']}", f"allocate={'yes' if s['allocate'] else 'no'}",
+             f"rotate={s['rotate']}", f"allocate={'yes' if s['allocate'] else 'no'}"
+             + (f" (metric {s['alloc_metric']}" + ("" if s['alloc_min_ratio'] is None
+                else f", floor {s['alloc_min_ratio']:g}") + ")" if s['allocate'] else ""),
              f"closed_loop={'yes' if s['closed_loop'] else 'no'}"]
     return "settings: " + ", ".join(parts)
 
@@ -612,10 +626,12 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
             text = load_text(s["calibration"], "calibration")
             batches = calibration_token_batches(tokenizer, text, n_tokens=s["calib_tokens"],
                                                 seq_len=s["seq_len"], seed=s["seed"])
+            fisher_alloc = s["allocate"] and s["alloc_metric"] == "fisher"
             if not s["closed_loop"] or objective == "fisher" or s["allocate"] \
                     or s["rotate"] == "procrustes":
                 stats = collect_statistics(model, batches, list(targets),
-                                           gradients=objective == "fisher", device=s["device"])
+                                           gradients=objective == "fisher" or fisher_alloc,
+                                           device=s["device"])
     structures = None
     if s["rotate"] != "none":
         with sw.phase("rotation"):
@@ -644,8 +660,10 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
     ratios = None
     if s["allocate"]:
         with sw.phase("allocation"):
-            alloc = allocate(model, stats if objective == "fisher" else
+            by_fisher = objective == "fisher" or s["alloc_metric"] == "fisher"
+            alloc = allocate(model, stats if by_fisher else
                              (None if stats is None else stats.cov), method=s["method"],
+                             min_ratio=s["alloc_min_ratio"],
                              ratio=s["ratio"], macs_ratio=s["macs_ratio"], layers=s["layers"],
                              exclude=s["exclude"], shape_policy=s["shape_policy"],
                              a_shapes=None if structures is None else
@@ -653,20 +671,23 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
                              als_sweeps=s["als_sweeps"])
         ratios = alloc.ratios
         extra["allocation"] = {"ratios": ratios, "metric": alloc.metric,
+                               "min_ratio": s["alloc_min_ratio"],
                                "predicted_loss": alloc.predicted_loss,
                                "uniform_loss": alloc.uniform_loss}
     common = dict(method=s["method"], ratio=s["ratio"], ratios=ratios, structures=structures,
                   layers=s["layers"], exclude=s["exclude"], macs_ratio=s["macs_ratio"],
                   permute=s["permute"], als_sweeps=s["als_sweeps"],
                   shape_policy=s["shape_policy"], in_place=True, device=s["device"])
+    # G reaches the fits of the -fisher methods only (an allocation may have used it)
+    gcov = stats.gcov if stats is not None and objective == "fisher" else None
     with sw.phase("fit"):
         if s["closed_loop"]:
             cmodel, report = compress_closed_loop(
-                model, batches, gcovariances=None if stats is None else stats.gcov, **common)
+                model, batches, gcovariances=gcov, **common)
         else:
             cmodel, report = compress(
                 model, covariances=None if stats is None else stats.cov,
-                gcovariances=None if stats is None else stats.gcov, **common)
+                gcovariances=gcov, **common)
     if s["closed_loop"]:  # the closed-loop block forwards are statistics, not fitting
         moved = report.config["statistics_seconds"] + report.config["propagation_seconds"]
         sw.seconds["fit"] -= moved
@@ -743,6 +764,14 @@ def add_commands(sub) -> None:
                    help="spread the parameter budget (and --macs-ratio) over the layers to "
                         "minimise the predicted loss (kronlab.allocate) instead of giving "
                         "every layer --ratio")
+    c.add_argument("--alloc-metric", default="fisher", choices=["fisher", "own"],
+                   help="--allocate: score every layer by the K-FAC (Fisher) loss increase, "
+                        "collecting the loss gradients on the calibration text (fisher), or by "
+                        "the method's own metric (own: output error weighted by output energy "
+                        "for the -aa methods, which starved SmolLM2's first block: "
+                        "data/results/llm_ablation.json)")
+    c.add_argument("--alloc-min-ratio", type=float, default=None,
+                   help="--allocate: the least fraction any layer may keep (default: none)")
     c.add_argument("--closed-loop", action="store_true",
                    help="fit block by block, each block's input covariances measured on the "
                         "model whose earlier blocks are already compressed (Fisher G stays "

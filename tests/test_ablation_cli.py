@@ -71,6 +71,10 @@ def _error(argv, capsys) -> str:
     (["--rotate", "givens"], r"argument --rotate: invalid choice: 'givens'"),
     (["--allocate", "--ratio", "1"], r"no budget to spread"),
     (["--method", "kron", "--no-output-error", "--closed-loop"], r"--closed-loop collects"),
+    (["--alloc-min-ratio", "0.2"], r"add --allocate or drop it"),
+    (["--allocate", "--alloc-min-ratio", "0.7"], r"must lie in \(0, --ratio 0.5\]"),
+    (["--method", "kron", "--no-output-error", "--allocate"], r"use --alloc-metric own"),
+    (["--allocate", "--alloc-metric", "kl"], r"invalid choice: 'kl'"),
 ])
 def test_pipeline_argument_errors(extra, message, capsys, tmp_path, tiny_dir, no_model_load):
     out = tmp_path / "X"
@@ -85,7 +89,7 @@ def test_help_documents_the_pipeline_options(capsys):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--rotate {none,procrustes,hadamard,random}", "--allocate", "--closed-loop",
-                   "--seed"):
+                   "--seed", "--alloc-metric {fisher,own}", "--alloc-min-ratio"):
         assert option in text
     args = build_parser().parse_args(["compress", "--method", "kron", "--ratio", "0.5",
                                       "--out", "x"])
@@ -96,6 +100,7 @@ def test_help_documents_the_pipeline_options(capsys):
     ["--method", "kron-aa", "--rotate", "procrustes", "--allocate", "--closed-loop"],
     ["--method", "kron-fisher", "--rotate", "hadamard", "--closed-loop", "--macs-ratio", "1"],
     ["--method", "svd-aa", "--allocate"],
+    ["--method", "svd-aa", "--allocate", "--alloc-metric", "own", "--alloc-min-ratio", "0.3"],
 ])
 def test_pipeline_round_trip(extra, tiny_dir, tmp_path, capsys):
     text = tmp_path / "pride.txt"
@@ -118,6 +123,10 @@ def test_pipeline_round_trip(extra, tiny_dir, tmp_path, capsys):
     if "--allocate" in extra:
         assert "allocation" in extra_cfg["timings"]
         assert len(extra_cfg["allocation"]["ratios"]) == 14
+        own = "own" in extra  # svd-aa's own metric is the output error; by default Fisher
+        assert extra_cfg["allocation"]["metric"] == ("output" if own else "fisher")
+        if "--alloc-min-ratio" in extra:
+            assert min(extra_cfg["allocation"]["ratios"].values()) >= 0.3
         kept = extra_cfg["report"]["summary"]["layer_params_kept"]
         assert kept <= 0.5 + 1e-9
     if "--closed-loop" in extra:
