@@ -176,7 +176,7 @@ def report(result: dict) -> str:
              f"median of {c['repeats']} interleaved rounds", ""]
     dense = next(r for r in result["rows"] if r["student"] == "dense")
     for r in result["rows"]:
-        lines.append(f"{r['student']:8s} {r['tokens_per_second']:9.1f} tokens/s  "
+        lines.append(f"{r['student']:11s} {r['tokens_per_second']:9.1f} tokens/s  "
                      f"({r['seconds_per_step']:.2f} s a step, "
                      f"{dense['seconds_per_step'] / r['seconds_per_step']:.2f}x dense; "
                      f"{r['trained_parameters']:,} trained parameters, MACs kept "
