@@ -77,6 +77,7 @@ BENCHMARKS = {
     "bench_nkp": ".venv/bin/python benchmarks/bench_nkp.py",
     "bench_layers": ".venv/bin/python benchmarks/bench_layers.py",
     "bench_compress": ".venv/bin/python benchmarks/bench_compress.py",
+    "bench_heal": ".venv/bin/python benchmarks/bench_heal.py",
 }
 #: The prompt of the greedy generation samples in the LLM sweep. Sweeps record it
 #: (``"prompt"``); files written before they did used this one, which
@@ -103,7 +104,8 @@ def _read_json(path: Path, what: str, command: str) -> dict:
 # ----------------------------------------------------------------------------- benchmarks
 
 def load_benchmark(name: str, path=None) -> dict:
-    """A recorded benchmark: ``name`` is ``"bench_nkp"``, ``"bench_layers"`` or ``"bench_compress"``.
+    """A recorded benchmark: ``name`` is one of :data:`BENCHMARKS` (``"bench_nkp"``, ``"bench_layers"``,
+    ``"bench_compress"``, ``"bench_heal"``).
 
     Reads ``path`` (default ``data/results/<name>.json``). Returns the file's dict:
     ``benchmark`` (= name), ``config``, ``rows`` (a list of dicts, one per measurement;

@@ -130,7 +130,7 @@ def test_recorded_benchmarks_load(name):
 
 
 def test_load_benchmark_errors(tmp_path):
-    with pytest.raises(ValueError, match="valid names: bench_nkp, bench_layers, bench_compress"):
+    with pytest.raises(ValueError, match="valid names: bench_nkp, bench_layers, bench_compress, bench_heal"):
         results.load_benchmark("bench_gpu")
     with pytest.raises(FileNotFoundError, match=re.escape("benchmarks/bench_layers.py")):
         results.load_benchmark("bench_layers", tmp_path / "bench_layers.json")
