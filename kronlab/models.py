@@ -369,13 +369,13 @@ class BlockInputCache:
     unchanged, so its outputs equal a full forward's. Embeddings never recorded raise a
     ``KeyError``; the blocks are restored on leaving the context, also after an error.
 
-    Memory: one (batch, seq, hidden) tensor per recorded call and block.
+    Memory: one (batch, seq, hidden) tensor per recorded call and block. Usage::
 
-    >>> cache = BlockInputCache(model, blocks=[14, 29])       # doctest: +SKIP
-    >>> with cache.record():
-    ...     dense = evaluate(model)                          # full forward, recorded
-    >>> with cache.skip(29):
-    ...     changed = evaluate(model)                        # blocks 0..28 looked up
+        cache = BlockInputCache(model, blocks=[14, 29])
+        with cache.record():
+            dense = evaluate(model)        # full forward, recorded
+        with cache.skip(29):
+            changed = evaluate(model)      # blocks 0..28 looked up
     """
 
     def __init__(self, model: nn.Module, blocks: Iterable[int]):

@@ -216,11 +216,9 @@ def main(argv=None) -> int:
             machine_info(args.device, load_start=load_start).get("command"))
         print(f"resuming: {len(results['runs'])} runs already in {out}")
 
-    from kronlab.compress import objective_of as _objective
-
     def alloc_metric(method: str) -> str:
         """The metric the allocation of ``method`` is scored by under ``--alloc-metric``."""
-        own = {"fisher": "fisher", "output": "output", "weight": "weight"}[_objective(method)]
+        own = {"fisher": "fisher", "output": "output", "weight": "weight"}[objective_of(method)]
         return "fisher" if args.alloc_metric == "fisher" else own
 
     plan = []
