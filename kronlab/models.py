@@ -313,8 +313,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
     The longest non-empty ModuleList of the model; a ``ValueError`` if it has none.
     """
-    lists = [mod for name, mod in model.named_modules()
-             if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name]
+    lists = [model.get_submodule(prefix[:-1]) for prefix in _block_prefixes(model)]
     if not lists:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder blocks "
                          "(expected e.g. model.layers or transformer.h)")

@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "settings_differences",
     "resumed_config",
+    "allocation_key",
+    "run_allocation_key",
     "BENCHMARKS",
     "DENSE_COMMAND",
     "SWEEP_COMMAND",
@@ -448,6 +450,25 @@ def load_ablation(path=None) -> dict:
     return data
 
 
+def allocation_key(metric: str, min_ratio: float | None) -> str:
+    """An allocation's settings as a label: ``"fisher"``, ``"output, floor 0.4"``.
+
+    >>> allocation_key("output", None), allocation_key("fisher", 0.4)
+    ('output', 'fisher, floor 0.4')
+    """
+    return metric if min_ratio is None else f"{metric}, floor {min_ratio:g}"
+
+
+def run_allocation_key(run: dict) -> str:
+    """The allocation settings of an ablation run (``""`` without allocation); runs recorded
+    before the settings were keyed carry them in their ``allocation`` entry."""
+    key = run.get("allocation_key")
+    if key is None and "allocation" in run:
+        a = run["allocation"]
+        key = allocation_key(a["metric"], a.get("min_ratio"))
+    return key or ""
+
+
 def ablation_frame(data: dict) -> pd.DataFrame:
     """One row per run of :func:`load_ablation`'s dict.
 
@@ -465,11 +486,7 @@ def ablation_frame(data: dict) -> pd.DataFrame:
     dense = {c: v["perplexity"] for c, v in data["dense"].get("ppl", {}).items()}
     rows = []
     for run in data["runs"]:
-        akey = run.get("allocation_key")
-        if akey is None and "allocation" in run:
-            a = run["allocation"]
-            akey = a["metric"] + ("" if a.get("min_ratio") is None else f", floor {a['min_ratio']:g}")
-        akey = akey or ""
+        akey = run_allocation_key(run)
         row = {"seed": run["seed"], "ratio": float(run["ratio"]), "method": run["method"],
                "variant": run["variant"] + (f" [{akey}]" if akey else ""), "allocation": akey,
                "layer_params_kept": run.get("layer_params_kept"),

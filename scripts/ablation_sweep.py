@@ -61,7 +61,7 @@ from kronlab.defaults import (  # noqa: E402
 )
 from kronlab.rotate import rotation_a_shapes  # noqa: E402
 from kronlab.paths import results_dir, write_atomic  # noqa: E402
-from kronlab.results import resumed_config  # noqa: E402
+from kronlab.results import allocation_key, resumed_config, run_allocation_key  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
@@ -146,22 +146,9 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def allocation_key(metric: str, min_ratio: float | None) -> str:
-    """A run's allocation settings as a label: ``"fisher"``, ``"output, floor 0.4"``.
-
-    >>> allocation_key("output", None), allocation_key("fisher", 0.4)
-    ('output', 'fisher, floor 0.4')
-    """
-    return metric if min_ratio is None else f"{metric}, floor {min_ratio:g}"
-
-
 def run_key(run: dict) -> tuple:
-    """A recorded run's identity: seed, ratio, method, variant and its allocation settings
-    (runs recorded before the settings were keyed carry their allocation's metric)."""
-    key = run.get("allocation_key")
-    if key is None and "allocation" in run:
-        key = allocation_key(run["allocation"]["metric"], run["allocation"].get("min_ratio"))
-    return run["seed"], run["ratio"], run["method"], run["variant"], key or ""
+    """A recorded run's identity: seed, ratio, method, variant and its allocation settings."""
+    return run["seed"], run["ratio"], run["method"], run["variant"], run_allocation_key(run)
 
 
 def _json_structures(structures) -> dict:
@@ -217,9 +204,10 @@ def main(argv=None) -> int:
         print(f"resuming: {len(results['runs'])} runs already in {out}")
 
     def alloc_metric(method: str) -> str:
-        """The metric the allocation of ``method`` is scored by under ``--alloc-metric``."""
-        own = {"fisher": "fisher", "output": "output", "weight": "weight"}[objective_of(method)]
-        return "fisher" if args.alloc_metric == "fisher" else own
+        """The metric the allocation of ``method`` is scored by under ``--alloc-metric``
+        (``allocate`` is given C always, so a method's own metric is at least the output's)."""
+        return "fisher" if args.alloc_metric == "fisher" or objective_of(method) == "fisher" \
+            else "output"
 
     plan = []
     for seed in args.seeds:  # a seed's runs share its statistics
@@ -244,8 +232,9 @@ def main(argv=None) -> int:
     eval_texts = {name: split_corpus(name)[1] for name in args.eval}
     calib_text = split_corpus(args.calibration)[0]
     names = list(find_linear_layers(model, include=args.layers))
-    fisher = any(objective_of(m) == "fisher" or (key and "fisher" in key)
-                 for _, _, m, _, key in todo)
+    fisher = any(objective_of(m) == "fisher"
+                 or ("allocation" in COMPONENTS[v] and alloc_metric(m) == "fisher")
+                 for _, _, m, v, _ in todo)
 
     def evaluate(m) -> dict:
         return {name: perplexity(m, tok, text, window=args.window, max_tokens=args.eval_tokens,
