@@ -13,15 +13,22 @@ see :mod:`kronlab.calibration` for the K-FAC scale). Summed over layers this is 
 second-order estimate of the model's loss increase when layers' errors do not interact.
 
 The allocation minimises ``sum_l L_l k_l`` subject to ``sum_l p_l k_l <= budget``
-(a multiple-choice knapsack) by the **greedy marginal-gain** algorithm: every layer
-starts at its cheapest option; the segments of each layer's lower convex hull are
-taken in order of loss decrease per parameter while they fit. For convex curves this
-is optimal up to one segment: exact for the parameter count reached before the first
-segment that does not fit (the classic Lagrangian argument; see
-:func:`greedy_allocation`); non-convex curves are replaced by their convex hulls, whose
-points the greedy may then skip. The result is never predicted worse than the uniform
-allocation (equal ratios): if the greedy's prediction were worse, uniform is returned
-(``fallback_uniform``).
+(a multiple-choice knapsack) by two solvers, the lower prediction kept:
+
+* the **greedy marginal-gain** algorithm (:func:`greedy_allocation`): every layer
+  starts at its cheapest option; the segments of each layer's lower convex hull are
+  taken in order of loss decrease per parameter while they fit. For convex curves this
+  is optimal up to one segment (exact for the parameter count reached before the first
+  segment that does not fit; the classic Lagrangian argument); non-convex curves are
+  replaced by their convex hulls, whose points it may then skip, and with few, coarse
+  options (Kronecker curves on a 0.1 grid) the segment that does not fit can leave much
+  of the budget unspent;
+* **dynamic programming** over the parameter count (:func:`knapsack_allocation`):
+  exact for any curve up to a parameter resolution of ``budget / 65536`` (counts rounded
+  up, so the result fits), the rounding's leftover spent by single upgrades.
+
+The result is never predicted worse than the uniform allocation (equal ratios): if it
+were, uniform is returned (``fallback_uniform``).
 
 Curves, by method family:
 
@@ -68,13 +75,15 @@ from .compress import METHODS, objective_of
 from .defaults import ALS_SWEEPS, CHOOSER_SCREEN, CHOOSER_TOP_K, PERMUTE, SHAPE_POLICY
 from .models import find_linear_layers, layer_type, linear_weight
 
-__all__ = ["DEFAULT_GRID", "MEASURES", "Allocation", "LayerCurve", "allocate",
-           "greedy_allocation", "layer_curve"]
+__all__ = ["DEFAULT_GRID", "MEASURES", "SOLVERS", "Allocation", "LayerCurve", "allocate",
+           "greedy_allocation", "knapsack_allocation", "layer_curve"]
 
 #: kept fractions at which Kronecker curves are measured (the uniform ratio is added)
 DEFAULT_GRID = tuple(round(0.1 * k, 2) for k in range(1, 11))
 #: how Kronecker curves are measured
 MEASURES = ("fit", "spectrum")
+#: how the budget is spread: both solvers (the better kept) or the greedy alone
+SOLVERS = ("best", "greedy")
 _F64 = torch.float64
 
 
@@ -120,6 +129,7 @@ def _ratio_for(params: int, mn: int) -> float:
 
 def layer_curve(W, *, method: str, cov=None, gcov=None, loss_scale: float = 1.0,
                 grid=DEFAULT_GRID, a_shape=None, measure: str = "fit",
+                macs_ratio: float | None = None,
                 als_sweeps: int = ALS_SWEEPS, top_k: int = CHOOSER_TOP_K,
                 name: str = "layer") -> LayerCurve:
     """Error-versus-parameters curve of one (m x n) layer for ``method``.
@@ -129,6 +139,9 @@ def layer_curve(W, *, method: str, cov=None, gcov=None, loss_scale: float = 1.0,
     ``r (m + n) <= m n``, exact. Kronecker methods: ``a_shape`` (required) at the largest
     rank within each ``grid`` ratio, measured by fitting (``measure="fit"``) or from the
     rearranged spectrum (``"spectrum"``). See the module docstring for the formulas.
+    ``macs_ratio`` caps every option's rank as ``compress(macs_ratio=...)`` caps the
+    layer's (at most ``macs_ratio m n`` multiply-adds per token), so each option is the
+    fit compress makes at its ratio.
 
     >>> W = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.0]))
     >>> c = layer_curve(W, method="svd")
@@ -159,6 +172,8 @@ def layer_curve(W, *, method: str, cov=None, gcov=None, loss_scale: float = 1.0,
         D = UGU * VCV
         T = D.flip(0).flip(1).cumsum(0).cumsum(1).flip(0).flip(1)   # T[r, r] = sum D[r:, r:]
         rmax = min(k, mn // (m + n))
+        if macs_ratio is not None:
+            rmax = min(rmax, int(macs_ratio * mn // (m + n)))
         if rmax < 1:
             raise ValueError(f"layer {name} ({m}x{n}): even rank 1 ({m + n} parameters) "
                              "exceeds the dense layer's; low rank cannot compress it")
@@ -176,10 +191,13 @@ def layer_curve(W, *, method: str, cov=None, gcov=None, loss_scale: float = 1.0,
     m2, n2 = m // m1, n // n1
     per, per_macs = kron_cost(m1, n1, m2, n2, 1)
     rcap = min(m1 * n1, m2 * n2)
+    if macs_ratio is not None:
+        rcap = min(rcap, int(macs_ratio * mn // per_macs))
     ranks = sorted({min(rcap, int(float(g) * mn // per)) for g in grid} - {0})
     if not ranks:
         raise ValueError(f"layer {name} ({m}x{n}), a_shape {a_shape}: no grid ratio in "
-                         f"{tuple(grid)} affords one term ({per} parameters)")
+                         f"{tuple(grid)} affords one term ({per} parameters, {per_macs} "
+                         f"multiply-adds; MACs cap {macs_ratio})")
     if measure == "spectrum":
         s2 = torch.as_tensor(rearranged_spectrum(Wt, (m1, n1), fit_c)) ** 2
         tot = float(s2.sum())
@@ -243,17 +261,8 @@ def greedy_allocation(params, losses, budget, *, macs=None, macs_budget=None):
     ``segments_taken``, ``prefix_params`` and ``prefix_loss``. Cost ``O(K log K)`` for
     ``K`` options in all.
     """
-    L = len(params)
-    if len(losses) != L:
-        raise ValueError(f"params has {L} layers, losses {len(losses)}")
-    P = [np.asarray(p, dtype=np.float64) for p in params]
-    Ls = [np.asarray(x, dtype=np.float64) for x in losses]
-    Ms = None if macs is None else [np.asarray(x, dtype=np.float64) for x in macs]
-    for i, (p, x) in enumerate(zip(P, Ls, strict=True)):
-        if p.ndim != 1 or p.shape != x.shape or len(p) == 0:
-            raise ValueError(f"layer {i}: params and losses must be equal-length 1-D arrays")
-        if np.any(np.diff(p) < 0):
-            raise ValueError(f"layer {i}: params must be ascending")
+    P, Ls, Ms = _check_curves(params, losses, macs)
+    L = len(P)
     start = sum(float(p[0]) for p in P)
     if start > budget:
         raise ValueError(f"budget {budget:,.0f} is below the {start:,.0f} parameters of the "
@@ -300,6 +309,145 @@ def greedy_allocation(params, losses, budget, *, macs=None, macs_budget=None):
     return choice, info
 
 
+def _check_curves(params, losses, macs):
+    """Validated float64 copies of the options (see :func:`greedy_allocation`)."""
+    L = len(params)
+    if len(losses) != L:
+        raise ValueError(f"params has {L} layers, losses {len(losses)}")
+    P = [np.asarray(p, dtype=np.float64) for p in params]
+    Ls = [np.asarray(x, dtype=np.float64) for x in losses]
+    Ms = None if macs is None else [np.asarray(x, dtype=np.float64) for x in macs]
+    for i, (p, x) in enumerate(zip(P, Ls, strict=True)):
+        if p.ndim != 1 or p.shape != x.shape or len(p) == 0:
+            raise ValueError(f"layer {i}: params and losses must be equal-length 1-D arrays")
+        if np.any(np.diff(p) < 0):
+            raise ValueError(f"layer {i}: params must be ascending")
+        if Ms is not None and Ms[i].shape != p.shape:
+            raise ValueError(f"layer {i}: macs must have one entry per option")
+    return P, Ls, Ms
+
+
+def knapsack_allocation(params, losses, budget, *, macs=None, macs_budget=None,
+                        resolution: float | None = None, max_bins: int = 1 << 16):
+    r"""Pick one option per layer minimising ``sum loss`` with ``sum params <= budget``, exactly.
+
+    The multiple-choice knapsack solved by dynamic programming over the parameter count,
+    for curves of any shape (no convexity needed, unlike :func:`greedy_allocation`).
+    Parameters are counted in units of ``resolution`` (default ``budget / max_bins``),
+    each option's count rounded **up**, so the result always fits the true budget; it is
+    optimal among the allocations that fit after rounding (at most one unit per layer
+    is lost to it), and the true parameters left over are then spent by single upgrades,
+    best loss decrease per parameter first.
+
+    With ``macs`` and ``macs_budget`` the multiply-adds enter by a Lagrange multiplier
+    ``mu``: the DP minimises ``loss + mu macs`` and ``mu`` is bisected to the least value
+    whose solution fits the MACs budget (a heuristic for the second constraint; the
+    result always fits both).
+
+    Returns ``(indices, info)`` with ``info`` as :func:`greedy_allocation`'s plus ``unit``
+    and ``mu``. Cost ``O(K B)`` per solve for ``K`` options in all and ``B`` bins.
+
+    >>> P = [np.array([1, 2, 3]), np.array([1, 2, 3])]
+    >>> L = [np.array([9.0, 8.9, 1.0]), np.array([2.0, 1.5, 1.2])]   # layer 0 is not convex
+    >>> knapsack_allocation(P, L, budget=4)[0]
+    [2, 0]
+    """
+    P, Ls, Ms = _check_curves(params, losses, macs)
+    nl = len(P)
+    start = sum(float(p[0]) for p in P)
+    if start > budget:
+        raise ValueError(f"budget {budget:,.0f} is below the {start:,.0f} parameters of the "
+                         "cheapest options of all layers")
+    use_m = Ms is not None and macs_budget is not None
+    if use_m and sum(float(x[0]) for x in Ms) > macs_budget * (1 + 1e-12):
+        raise ValueError(f"macs_budget {macs_budget:,.0f} is below the cheapest options' "
+                         f"{sum(float(x[0]) for x in Ms):,.0f} multiply-adds")
+    unit = float(resolution) if resolution else max(1.0, float(budget) / max_bins)
+    nb = int(math.floor(budget / unit + 1e-9))
+    W = [np.ceil(p / unit - 1e-9).astype(np.int64) for p in P]
+    if sum(int(w[0]) for w in W) > nb:   # rounding made even the cheapest options too big
+        unit = float(budget) / max(1, 4 * max_bins)
+        nb = int(math.floor(budget / unit + 1e-9))
+        W = [np.ceil(p / unit - 1e-9).astype(np.int64) for p in P]
+
+    def solve(mu):
+        f = np.zeros(nb + 1)
+        arg = np.empty((nl, nb + 1), dtype=np.int32)
+        for i in range(nl):
+            cost = Ls[i] + (mu * Ms[i] if use_m and mu else 0.0)
+            new = np.full(nb + 1, np.inf)
+            best = np.full(nb + 1, -1, dtype=np.int32)
+            for k in range(len(cost)):
+                w = int(W[i][k])
+                if w > nb:
+                    break
+                cand = f[: nb + 1 - w] + cost[k]
+                better = cand < new[w:]
+                new[w:][better] = cand[better]
+                best[w:][better] = k
+            f = new
+            arg[i] = best
+        b = nb
+        choice = [0] * nl
+        for i in range(nl - 1, -1, -1):
+            k = int(arg[i][b])
+            choice[i] = k
+            b -= int(W[i][k])
+        return choice
+
+    def totals(choice):
+        used = float(sum(P[i][k] for i, k in enumerate(choice)))
+        used_m = None if Ms is None else float(sum(Ms[i][k] for i, k in enumerate(choice)))
+        return used, used_m
+
+    def fits_m(choice):
+        return not use_m or totals(choice)[1] <= macs_budget * (1 + 1e-12)
+
+    mu = 0.0
+    choice = solve(0.0)
+    if not fits_m(choice):
+        cheapest = [int(np.argmin(m)) for m in Ms]   # not always the params-cheapest option
+        hi = 1.0 * max(1e-300, sum(float(x.max()) for x in Ls)) / max(1.0, float(macs_budget))
+        while not fits_m(solve(hi)) and hi < 1e300:
+            hi *= 16
+        lo = 0.0
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if fits_m(solve(mid)):
+                hi = mid
+            else:
+                lo = mid
+        choice = solve(hi)
+        mu = hi
+        if not fits_m(choice):  # pragma: no cover - guarded by the checks above
+            choice = cheapest
+    # spend what rounding left: single upgrades, best loss decrease per parameter first
+    used, used_m = totals(choice)
+    while True:
+        best = None
+        for i in range(nl):
+            k0 = choice[i]
+            dp = P[i][k0 + 1:] - P[i][k0]
+            gain = Ls[i][k0] - Ls[i][k0 + 1:]
+            ok = (gain > 0) & (used + dp <= budget * (1 + 1e-12))
+            if use_m:
+                ok &= used_m + Ms[i][k0 + 1:] - Ms[i][k0] <= macs_budget * (1 + 1e-12)
+            if not ok.any():
+                continue
+            score = np.where(ok, gain / np.maximum(dp, 1e-12), -np.inf)
+            j = int(np.argmax(score))
+            if best is None or score[j] > best[0]:
+                best = (float(score[j]), i, k0 + 1 + j)
+        if best is None:
+            break
+        choice[best[1]] = best[2]
+        used, used_m = totals(choice)
+    loss = float(sum(Ls[i][k] for i, k in enumerate(choice)))
+    info = {"params": used, "macs": used_m, "loss": loss, "unit": unit, "mu": mu,
+            "segments_taken": None, "prefix_params": used, "prefix_loss": loss}
+    return choice, info
+
+
 @dataclass
 class Allocation:
     """Per-layer ratios for ``compress(..., ratios=allocation.ratios)`` and what they predict.
@@ -321,6 +469,7 @@ class Allocation:
     uniform_params: int
     budget: float
     fallback_uniform: bool
+    solver: str = "greedy"
     curves: list = field(default_factory=list)
     a_shapes: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -346,6 +495,7 @@ class Allocation:
                 "predicted_loss": self.predicted_loss, "uniform_loss": self.uniform_loss,
                 "params": self.params, "uniform_params": self.uniform_params,
                 "budget": self.budget, "fallback_uniform": self.fallback_uniform,
+                "solver": self.solver,
                 "a_shapes": {k: list(v) for k, v in self.a_shapes.items()},
                 "seconds": self.seconds, "config": self.config}
 
@@ -355,7 +505,7 @@ def allocate(model, stats=None, *, method: str, ratio: float, macs_ratio: float 
              max_ratio: float = 1.0, measure: str = "fit", shape_policy: str = SHAPE_POLICY,
              a_shapes: dict | None = None, als_sweeps: int = ALS_SWEEPS,
              screen: int | None = CHOOSER_SCREEN, top_k: int = CHOOSER_TOP_K,
-             progress: bool = True) -> Allocation:
+             solver: str = "best", progress: bool = True) -> Allocation:
     r"""Per-layer kept fractions with ``sum params <= ratio * dense params`` and least predicted loss.
 
     Parameters
@@ -365,7 +515,9 @@ def allocate(model, stats=None, *, method: str, ratio: float, macs_ratio: float 
         K-FAC loss in nats), a dict of covariances (output metric), or None (weight metric)
     method, layers, exclude : as in :func:`kronlab.compress.compress`
     ratio : the whole budget, as the kept fraction of the selected layers' parameters
-    macs_ratio : optional budget of forward multiply-adds, as a fraction of the dense layers'
+    macs_ratio : optional budget of forward multiply-adds, as a fraction of the dense layers';
+        as in ``compress`` it caps every layer (options above ``macs_ratio m n`` are not
+        offered), which also bounds the total
     grid : Kronecker curves: the ratios measured (the uniform ``ratio`` is always added)
     min_ratio, max_ratio : bounds on any layer's ratio (options outside are dropped; the
         uniform option always stays)
@@ -375,6 +527,9 @@ def allocate(model, stats=None, *, method: str, ratio: float, macs_ratio: float 
         first layer at the uniform ratio (as ``compress`` does at a uniform ratio),
         "per-layer" every layer's
     a_shapes : layer type -> a_shape, to fix Kronecker shapes instead of choosing them
+    solver : "best" (default): both :func:`greedy_allocation` and the exact
+        :func:`knapsack_allocation`, the lower predicted loss kept (``solver`` of the
+        result names it); "greedy": the greedy alone
 
     Returns an :class:`Allocation`; pass ``allocation.ratios`` to ``compress(ratios=...)``.
     Note for Kronecker methods: with ``shape_policy="per-type"``, ``compress`` chooses a
@@ -387,6 +542,8 @@ def allocate(model, stats=None, *, method: str, ratio: float, macs_ratio: float 
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) \
             or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if shape_policy not in ("per-type", "per-layer"):
         raise ValueError(f"shape_policy must be 'per-type' or 'per-layer', got {shape_policy!r}")
     targets = find_linear_layers(model, include=layers, exclude=exclude)
@@ -425,13 +582,15 @@ def allocate(model, stats=None, *, method: str, ratio: float, macs_ratio: float 
                 m, n = W.shape
                 fit_c = C if objective != "weight" else None
                 ch = choose_kron(W, param_budget=ratio * m * n, cov=fit_c,
+                                 macs_budget=None if macs_ratio is None else macs_ratio * m * n,
                                  gcov=G if objective == "fisher" else None,
                                  permute=PERMUTE if fit_c is not None else None,
                                  screen=screen, top_k=top_k, als_sweeps=als_sweeps)
                 a_shapes[key] = tuple(ch.a_shape)
             a_shape = a_shapes[key]
         curve = layer_curve(W, method=method, cov=C, gcov=G, loss_scale=scale, grid=grid,
-                            a_shape=a_shape, measure=measure, als_sweeps=als_sweeps,
+                            a_shape=a_shape, measure=measure, macs_ratio=macs_ratio,
+                            als_sweeps=als_sweeps,
                             top_k=top_k, name=name)
         curves.append(_restrict(curve, ratio, min_ratio, max_ratio))
     budget = ratio * sum(c.shape[0] * c.shape[1] for c in curves)
@@ -440,25 +599,32 @@ def allocate(model, stats=None, *, method: str, ratio: float, macs_ratio: float 
     uni = [_uniform_index(c, ratio) for c in curves]
     uniform_loss = float(sum(c.loss[k] for c, k in zip(curves, uni, strict=True)))
     uniform_params = int(sum(c.params[k] for c, k in zip(curves, uni, strict=True)))
-    idx, info = greedy_allocation([c.params for c in curves], [c.loss for c in curves],
-                                  budget, macs=[c.macs for c in curves], macs_budget=macs_budget)
+    args = ([c.params for c in curves], [c.loss for c in curves], budget)
+    solved = {"greedy": greedy_allocation(*args, macs=[c.macs for c in curves],
+                                          macs_budget=macs_budget)}
+    if solver == "best":
+        solved["knapsack"] = knapsack_allocation(*args, macs=[c.macs for c in curves],
+                                                 macs_budget=macs_budget)
+    used = min(solved, key=lambda k: solved[k][1]["loss"])
+    idx, info = solved[used]
     fallback = info["loss"] > uniform_loss
     if fallback:
-        idx = uni
+        idx, used = uni, "uniform"
     ratios = {c.name: float(c.ratios[k]) for c, k in zip(curves, idx, strict=True)}
     ranks = {c.name: int(c.ranks[k]) for c, k in zip(curves, idx, strict=True)}
     config = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "layers": layers,
               "exclude": exclude, "grid": grid, "min_ratio": min_ratio, "max_ratio": max_ratio,
               "measure": measure, "shape_policy": shape_policy, "als_sweeps": als_sweeps,
               "screen": screen, "top_k": top_k, "loss_scale": scale,
-              "n_layers": len(curves)}
+              "n_layers": len(curves), "solver": solver,
+              "solver_losses": {k: v[1]["loss"] for k, v in solved.items()}}
     return Allocation(
         method=method, ratio=float(ratio), metric=curves[0].metric, ratios=ratios, ranks=ranks,
         predicted_loss=float(sum(c.loss[k] for c, k in zip(curves, idx, strict=True))),
         uniform_loss=uniform_loss,
         params=int(sum(c.params[k] for c, k in zip(curves, idx, strict=True))),
         uniform_params=uniform_params, budget=float(budget), fallback_uniform=bool(fallback),
-        curves=curves, a_shapes={k: v for k, v in a_shapes.items()},
+        solver=used, curves=curves, a_shapes={k: v for k, v in a_shapes.items()},
         seconds=time.perf_counter() - t0, config=config)
 
 

@@ -670,10 +670,15 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
                              {t: v["a_shape"] for t, v in structures.items()},
                              als_sweeps=s["als_sweeps"])
         ratios = alloc.ratios
+        if structures is None and alloc.a_shapes and s["shape_policy"] == "per-type":
+            # fit the shapes the curves assumed, not each type's choice at its first
+            # layer's allocated ratio
+            structures = {t: {"a_shape": tuple(a)} for t, a in alloc.a_shapes.items()}
         extra["allocation"] = {"ratios": ratios, "metric": alloc.metric,
                                "min_ratio": s["alloc_min_ratio"],
                                "predicted_loss": alloc.predicted_loss,
-                               "uniform_loss": alloc.uniform_loss}
+                               "uniform_loss": alloc.uniform_loss, "solver": alloc.solver,
+                               "fallback_uniform": alloc.fallback_uniform}
     common = dict(method=s["method"], ratio=s["ratio"], ratios=ratios, structures=structures,
                   layers=s["layers"], exclude=s["exclude"], macs_ratio=s["macs_ratio"],
                   permute=s["permute"], als_sweeps=s["als_sweeps"],

@@ -330,10 +330,16 @@ def main(argv=None) -> int:
                              min_ratio=args.alloc_min_ratio, progress=False)
             phases["allocation"] = time.perf_counter() - t
             ratios = alloc.ratios
+            if structures is None and alloc.a_shapes:
+                # the shapes the curves assumed (else compress would choose each type's
+                # shape on its first layer at that layer's allocated ratio)
+                structures = {t_: {"a_shape": tuple(v)} for t_, v in alloc.a_shapes.items()}
             run["allocation"] = {"ratios": alloc.ratios, "metric": alloc.metric,
                                  "predicted_loss": alloc.predicted_loss,
                                  "uniform_loss": alloc.uniform_loss,
                                  "fallback_uniform": alloc.fallback_uniform,
+                                 "solver": alloc.solver,
+                                 "solver_losses": alloc.config["solver_losses"],
                                  "min_ratio": args.alloc_min_ratio}
         common = dict(method=method, ratio=ratio, ratios=ratios, structures=structures,
                       gcovariances=stats.gcov if use_g else None, macs_ratio=macs,

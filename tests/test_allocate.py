@@ -9,7 +9,7 @@ import torch
 from tiny_model import tiny_llama
 
 from kronlab import low_rank, relative_error
-from kronlab.allocate import allocate, greedy_allocation, layer_curve
+from kronlab.allocate import allocate, greedy_allocation, knapsack_allocation, layer_curve
 from kronlab.calibration import collect_statistics
 from kronlab.compress import compress, compress_layer
 
@@ -179,3 +179,87 @@ def test_allocate_bad_input(llama_stats):
         allocate(model, None, method="svd-aa", ratio=0.5)
     with pytest.raises(ValueError, match="unknown method"):
         allocate(model, None, method="nope", ratio=0.5)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_knapsack_is_exact_for_any_curves(seed):
+    """On non-convex curves the DP finds the brute-force optimum (unit resolution) and is
+    never worse than the greedy; with a MACs budget both budgets hold."""
+    rng = np.random.default_rng(seed)
+    P = [np.cumsum(rng.integers(1, 30, size=int(rng.integers(2, 6))))
+         for _ in range(int(rng.integers(2, 5)))]
+    L = [np.sort(rng.uniform(0, 10, len(p)))[::-1] for p in P]
+    budget = float(rng.uniform(sum(p[0] for p in P), sum(p[-1] for p in P)))
+    combos = [c for c in itertools.product(*[range(len(p)) for p in P])
+              if sum(p[i] for p, i in zip(P, c, strict=True)) <= budget]
+    best = min(sum(x[i] for x, i in zip(L, c, strict=True)) for c in combos)
+    idx, info = knapsack_allocation(P, L, budget, resolution=1.0)
+    assert info["params"] == sum(p[i] for p, i in zip(P, idx, strict=True)) <= budget
+    assert info["loss"] == pytest.approx(best, abs=1e-12)
+    assert info["loss"] <= greedy_allocation(P, L, budget)[1]["loss"] + 1e-12
+    coarse = knapsack_allocation(P, L, budget, resolution=7.0)[1]   # rounded up: still fits
+    assert coarse["params"] <= budget and coarse["loss"] >= best - 1e-12
+    M = [p * rng.uniform(0.5, 2.0) for p in P]
+    macs_budget = float(rng.uniform(sum(m[0] for m in M), sum(m[-1] for m in M)))
+    idx, info = knapsack_allocation(P, L, budget, macs=M, macs_budget=macs_budget)
+    assert info["params"] <= budget and info["macs"] <= macs_budget * (1 + 1e-12)
+    feasible = [c for c in combos if sum(m[i] for m, i in zip(M, c, strict=True)) <= macs_budget]
+    assert info["loss"] >= min(sum(x[i] for x, i in zip(L, c, strict=True))
+                               for c in feasible) - 1e-12
+
+
+def test_greedy_leaves_budget_the_knapsack_uses():
+    """Two coarse options per layer: the greedy takes the steepest segment, then the next
+    does not fit and the layer is blocked; the DP finds the combination that fits."""
+    P = [np.array([1, 3]), np.array([1, 6])]
+    L = [np.array([10.0, 0.0]), np.array([12.0, 0.0])]
+    g_idx, g = greedy_allocation(P, L, 7)
+    k_idx, k = knapsack_allocation(P, L, 7, resolution=1.0)
+    assert g_idx == [1, 0] and g["loss"] == 12.0 and g["params"] == 4
+    assert k_idx == [0, 1] and k["loss"] == 10.0 and k["params"] == 7
+
+
+def test_knapsack_bad_input():
+    with pytest.raises(ValueError, match="below the 2 parameters of the cheapest"):
+        knapsack_allocation([np.array([1, 2]), np.array([1, 2])], [np.ones(2), np.ones(2)], 1)
+    with pytest.raises(ValueError, match="ascending"):
+        knapsack_allocation([np.array([2, 1])], [np.ones(2)], 5)
+    with pytest.raises(ValueError, match="macs_budget"):
+        knapsack_allocation([np.array([1, 2])], [np.ones(2)], 5, macs=[np.array([3, 4])],
+                            macs_budget=1)
+
+
+@pytest.mark.parametrize("method, a_shape, cap", [("kron", (4, 6), 1.5), ("kron", (8, 8), 1.5),
+                                                  ("svd", None, 0.4)])
+def test_curve_options_under_a_macs_cap_are_compress_fits(method, a_shape, cap):
+    """With macs_ratio every option's rank is the one compress gives at the option's ratio
+    and the same cap, and no option exceeds the cap (which binds: fewer ranks than without)."""
+    W = torch.randn(32, 48, dtype=F64, generator=torch.Generator().manual_seed(3))
+    grid = (0.2, 0.4, 0.6, 0.8, 1.0)
+    curve = layer_curve(W, method=method, a_shape=a_shape, grid=grid, macs_ratio=cap)
+    free = layer_curve(W, method=method, a_shape=a_shape, grid=grid)
+    assert curve.ranks.max() < free.ranks.max()
+    assert np.all(curve.macs <= cap * W.numel())
+    for r, ratio in zip(curve.ranks, curve.ratios, strict=True):
+        _, rep = compress_layer(W, None, method=method, ratio=float(ratio), macs_ratio=cap,
+                                a_shape=a_shape)
+        assert rep.rank == r and rep.macs <= cap * W.numel()
+
+
+def test_kronecker_allocation_is_what_compress_fits(llama_stats):
+    """allocate(macs_ratio) then compress(ratios, the allocation's shapes, macs_ratio): the
+    parameters are the allocation's and the measured loss its prediction (measure="fit")."""
+    model, stats = llama_stats
+    alloc = allocate(model, stats.cov, method="kron-aa", ratio=0.5, macs_ratio=1.2,
+                     grid=(0.25, 0.5, 0.75, 1.0), layers="*layers.1.*", als_sweeps=1,
+                     progress=False)
+    assert alloc.solver in ("greedy", "knapsack", "uniform")
+    structures = {t: {"a_shape": a} for t, a in alloc.a_shapes.items()}
+    _, rep = compress(model, method="kron-aa", ratio=0.5, covariances=stats.cov,
+                      ratios=alloc.ratios, structures=structures, macs_ratio=1.2,
+                      layers="*layers.1.*", als_sweeps=1, progress=False)
+    assert rep.layer_params_after == alloc.params <= alloc.budget
+    assert all(r.macs <= 1.2 * r.dense_macs for r in rep.layers)
+    energy = {c.name: c.energy for c in alloc.curves}
+    measured = sum(r.output_error ** 2 * energy[r.name] for r in rep.layers)
+    assert measured == pytest.approx(alloc.predicted_loss, rel=1e-4)
