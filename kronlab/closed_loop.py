@@ -28,9 +28,13 @@ from torch import nn
 
 from .calibration import Covariances
 from .compress import CompressionReport, compress, objective_of
-from .models import find_linear_layers, layer_type
+from .models import find_linear_layers, layer_type, linear_weight
 
-__all__ = ["compress_closed_loop"]
+__all__ = ["CLOSED_LOOP_TARGETS", "asymmetric_target", "compress_closed_loop"]
+
+#: what a closed-loop fit reproduces: the dense layer on the compressed inputs
+#: (symmetric) or the dense model's outputs (asymmetric)
+CLOSED_LOOP_TARGETS = ("compressed", "dense")
 
 
 class _Stop(Exception):
@@ -153,6 +157,95 @@ def _block_covariances(block, cached, layers: dict[str, nn.Module]) -> Covarianc
     return cov
 
 
+def asymmetric_target(W: torch.Tensor, C_c: torch.Tensor, C_dc: torch.Tensor,
+                      damping: float = 0.0) -> torch.Tensor:
+    r"""The weight ``W' = W C_dc C_c^{-1}`` whose fits match the dense model's outputs.
+
+    A layer ``W`` (m x n) receives ``X_c`` (N x n) in the partly compressed model where the
+    dense model gives it ``X_d``. Asymmetric calibration (GPTAQ, Li et al., 2025) fits
+    ``W_hat`` to the *dense* outputs, ``min ||W X_d^T - W_hat X_c^T||_F^2``. With
+    ``C_c = X_c^T X_c / N`` and ``C_dc = X_d^T X_c / N`` the residual of ``W'`` is orthogonal
+    to the rows of ``X_c^T``, so
+
+        ||W X_d^T - W_hat X_c^T||^2 = ||W X_d^T - W' X_c^T||^2 + N tr((W' - W_hat) C_c (W' - W_hat)^T):
+
+    fitting ``W'`` in the metric ``C_c`` (what every ``-aa`` / ``-fisher`` method does with
+    ``cov=C_c``) minimises the error against the dense outputs. ``damping`` > 0 makes it a
+    ridge toward ``W``: with ``lam = damping * mean(diag C_c)``,
+    ``W' = W (C_dc + lam I)(C_c + lam I)^{-1}`` minimises
+    ``||W X_d^T - W' X_c^T||^2 + lam N ||W' - W||^2`` (``C_c`` may be near singular; a ridge
+    toward 0, as GPTQ's dampening, would shrink every weight). With 0 the identity above
+    is exact. Where ``X_c = X_d`` (the first block) ``W' = W`` for any damping.
+
+    >>> X = torch.randn(50, 4, dtype=torch.float64)
+    >>> W = torch.randn(3, 4, dtype=torch.float64)
+    >>> torch.allclose(asymmetric_target(W, X.T @ X / 50, X.T @ X / 50), W)
+    True
+    """
+    Wd = W.to(torch.float64)
+    C = C_c.to(device=Wd.device, dtype=torch.float64)
+    lam = float(damping) * float(torch.diagonal(C).mean())
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    C = C + lam * eye
+    rhs = (Wd @ (C_dc.to(device=Wd.device, dtype=torch.float64) + lam * eye)).T   # (n, m)
+    try:
+        L = torch.linalg.cholesky(C)
+        sol = torch.cholesky_solve(rhs, L)
+    except RuntimeError:  # singular without damping: least squares
+        sol = torch.linalg.lstsq(C, rhs).solution
+    return sol.T.contiguous()
+
+
+def _block_cross(block, cached, cached_dense, layers: dict[str, nn.Module]):
+    """``(C_c, C_dc)`` of ``layers``: ``X_c^T X_c / N`` on ``cached`` and ``X_d^T X_c / N``
+    with ``X_d`` the same layers' inputs on ``cached_dense`` (same tokens, dense upstream);
+    also returns the block's outputs on ``cached_dense`` (the next dense hidden states)."""
+    grab: dict[str, torch.Tensor] = {}
+    mode = {"dense": True}
+    sums: dict[str, list] = {}
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if mode["dense"]:
+                grab[name] = x
+                return
+            xd = grab[name]
+            if name not in sums:
+                n = x.shape[-1]
+                sums[name] = [torch.zeros(n, n, dtype=torch.float64, device=x.device),
+                              torch.zeros(n, n, dtype=torch.float64, device=x.device)]
+            sums[name][0].addmm_(x.T, x)
+            sums[name][1].addmm_(xd.T, x)
+        return hook
+
+    handles = [mod.register_forward_pre_hook(make_hook(n)) for n, mod in layers.items()]
+    n_tokens = 0
+    dense_out = []
+    try:
+        with torch.no_grad():
+            for (hd, args_d, kw_d), (hc, args, kw) in zip(cached_dense, cached, strict=True):
+                mode["dense"] = True
+                y = block(hd, *args_d, **kw_d)
+                dense_out.append((y[0] if isinstance(y, (tuple, list)) else y).detach())
+                mode["dense"] = False
+                block(hc, *args, **kw)
+                grab.clear()
+                n_tokens += hc.shape[0] * hc.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+    cov, cross = Covariances(), {}
+    for name in layers:
+        if name not in sums:
+            raise RuntimeError(f"layer {name} received no input in its block's forward")
+        cc, cdc = sums[name]
+        cov[name] = (cc + cc.T).mul_(0.5 / n_tokens)
+        cross[name] = cdc / n_tokens
+    cov.n_tokens, cov.n_sequences, cov.shared = n_tokens, sum(h.shape[0] for h, _, _ in cached), {}
+    return cov, cross, dense_out
+
+
 class ClosedLoopReport(CompressionReport):
     """A :class:`~kronlab.compress.CompressionReport` whose ``covariances`` (with
     ``keep_covariances=True``) are the closed-loop ``C`` each layer was fitted to."""
@@ -164,6 +257,7 @@ def compress_closed_loop(model, token_batches, *, method: str, ratio: float,
                          ratios: dict | None = None, structures: dict | None = None,
                          gcovariances: dict | None = None, macs_ratio: float | None = None,
                          layers=None, exclude=None, batch_size: int = 8,
+                         target: str = "compressed", damping: float = 0.01,
                          keep_covariances: bool = False, in_place: bool = False, device=None,
                          progress: bool = True, **compress_options):
     r"""Compress ``model`` block by block, each block fitted to the inputs the compressed
@@ -177,6 +271,18 @@ def compress_closed_loop(model, token_batches, *, method: str, ratio: float,
     error on the inputs the layer will actually receive). Block 0's ``C`` equal the
     open-loop ones; with exact structures (full rank) the result equals open-loop
     compression.
+
+    ``target`` says what a layer's fit should reproduce on those inputs:
+
+    * ``"compressed"`` (symmetric, as GPTQ): the dense layer's own outputs on them,
+      ``min ||(W - W_hat) X_c^T||``. An upstream error is then *not* corrected: the fit
+      only learns to pass it on faithfully;
+    * ``"dense"`` (asymmetric, as GPTAQ): the dense *model's* outputs,
+      ``min ||W X_d^T - W_hat X_c^T||``, with ``X_d`` the layer's inputs in the dense
+      model (carried alongside, one more block forward per block). This is a fit of
+      ``W' = W C_dc C_c^{-1}`` in the metric ``C_c`` (:func:`asymmetric_target`;
+      ``damping`` is its ridge), so each layer can undo part of the error upstream.
+      The report's errors are then relative to ``W'``.
 
     The Fisher factors ``G`` of the ``-fisher`` methods are *not* closed-loop: they must
     be passed in as ``gcovariances`` from an open-loop collection
@@ -221,6 +327,14 @@ def compress_closed_loop(model, token_batches, *, method: str, ratio: float,
     torch.Size([32, 32])
     """
     objective = objective_of(method)  # also rejects an unknown method
+    if target not in CLOSED_LOOP_TARGETS:
+        raise ValueError(f"target must be one of {CLOSED_LOOP_TARGETS}, got {target!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or math.isnan(damping) \
+            or damping < 0:
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+    if target == "dense" and objective == "weight":
+        raise ValueError(f"target='dense' needs an activation-aware method (the fit must be "
+                         f"in the metric C_c); {method!r} ignores activations")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) \
             or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
@@ -264,6 +378,7 @@ def compress_closed_loop(model, token_batches, *, method: str, ratio: float,
     out.eval()
     t0 = time.perf_counter()
     cached = _block_inputs(out, batches, blocks[0], dev)
+    cached_dense = list(cached) if target == "dense" else None
     stats_seconds = time.perf_counter() - t0
     prop_seconds = 0.0
     reports, kept_cov = [], {}
@@ -279,7 +394,15 @@ def compress_closed_loop(model, token_batches, *, method: str, ratio: float,
         names = by_block.get(b, [])
         if names:
             t0 = time.perf_counter()
-            cov = _block_covariances(block, cached, {n: targets[n] for n in names})
+            if target == "dense":
+                cov, cross, dense_next = _block_cross(block, cached, cached_dense,
+                                                      {n: targets[n] for n in names})
+                with torch.no_grad():   # the layers now hold W' (replaced by the fit below)
+                    for n in names:
+                        Wv, _ = linear_weight(targets[n])   # a view: written in place
+                        Wv.copy_(asymmetric_target(Wv, cov[n], cross[n], damping).to(Wv.dtype))
+            else:
+                cov = _block_covariances(block, cached, {n: targets[n] for n in names})
             stats_seconds += time.perf_counter() - t0
             if keep_covariances:
                 kept_cov.update(cov)
@@ -301,16 +424,22 @@ def compress_closed_loop(model, token_batches, *, method: str, ratio: float,
             targets.update({n: out.get_submodule(n) for n in names})
         if b < last:
             t0 = time.perf_counter()
+            if target == "dense":
+                if not names:   # an uncompressed block: the same forward on both streams
+                    dense_next = _run_block(block, cached_dense)
+                cached_dense = [(h, args, kw) for h, (_, args, kw)
+                                in zip(dense_next, cached_dense, strict=True)]
             hidden = _run_block(block, cached)
             cached = [(h, args, kw) for h, (_, args, kw) in zip(hidden, cached, strict=True)]
             prop_seconds += time.perf_counter() - t0
-    del cached
+    del cached, cached_dense
     out.train(was_training)
     names_all = [r.name for r in reports]
     config = dict(rep.config)
     config.update(layers=layers, exclude=exclude, n_layers=len(names_all), closed_loop=True,
                   statistics_seconds=stats_seconds, propagation_seconds=prop_seconds,
-                  ratios=ratios or None, batch_size=batch_size,
+                  ratios=ratios or None, batch_size=batch_size, target=target,
+                  damping=damping if target == "dense" else None,
                   structures={k: {kk: ([int(x) for x in vv] if kk == "a_shape" else vv)
                                   for kk, vv in v.items()} for k, v in structures.items()}
                   or None)

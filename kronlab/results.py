@@ -45,6 +45,7 @@ __all__ = [
     "resumed_config",
     "allocation_key",
     "run_allocation_key",
+    "run_settings_key",
     "BENCHMARKS",
     "DENSE_COMMAND",
     "SWEEP_COMMAND",
@@ -469,6 +470,22 @@ def run_allocation_key(run: dict) -> str:
     return key or ""
 
 
+def run_settings_key(run: dict) -> str:
+    """An ablation run's settings beyond its variant, as the label that keeps runs apart:
+    the allocation's (:func:`run_allocation_key`) and ``"asymmetric"`` for a closed loop
+    fitted to the dense model's outputs (``closed_loop_target == "dense"``).
+
+    >>> run_settings_key({"allocation_key": "fisher", "closed_loop_target": "dense"})
+    'fisher, asymmetric'
+    >>> run_settings_key({"closed_loop_target": "compressed"})
+    ''
+    """
+    parts = [run_allocation_key(run)]
+    if run.get("closed_loop_target") == "dense":
+        parts.append("asymmetric")
+    return ", ".join(p for p in parts if p)
+
+
 def ablation_frame(data: dict) -> pd.DataFrame:
     """One row per run of :func:`load_ablation`'s dict.
 
@@ -486,9 +503,10 @@ def ablation_frame(data: dict) -> pd.DataFrame:
     dense = {c: v["perplexity"] for c, v in data["dense"].get("ppl", {}).items()}
     rows = []
     for run in data["runs"]:
-        akey = run_allocation_key(run)
+        akey, skey = run_allocation_key(run), run_settings_key(run)
         row = {"seed": run["seed"], "ratio": float(run["ratio"]), "method": run["method"],
-               "variant": run["variant"] + (f" [{akey}]" if akey else ""), "allocation": akey,
+               "variant": run["variant"] + (f" [{skey}]" if skey else ""), "allocation": akey,
+               "closed_loop_target": run.get("closed_loop_target", ""),
                "layer_params_kept": run.get("layer_params_kept"),
                "model_params_kept": run.get("model_params_kept"),
                "macs_kept": run.get("macs_kept"), "compress_seconds": run.get("compress_seconds"),

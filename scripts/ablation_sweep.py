@@ -16,7 +16,9 @@ model and record the perplexity on the held-out part of each evaluation corpus. 
   identity (its ``allocation_key``, e.g. ``fisher`` or ``output, floor 0.4``), so runs
   with other settings are added to the same file, not skipped by ``--resume``;
 * ``closed-loop``: :func:`kronlab.closed_loop.compress_closed_loop` (each block's ``C``
-  on the partly compressed model; the Fisher ``G`` stays open loop);
+  on the partly compressed model; the Fisher ``G`` stays open loop), fitted to the dense
+  layer's outputs on those inputs or, with ``--closed-loop-target dense``, to the dense
+  model's outputs (asymmetric; part of the run's identity, label ``asymmetric``);
 * ``rotation`` (Kronecker methods only; a low-rank error is rotation invariant): fold the
   norms, choose one residual-stream ``Q`` by :func:`kronlab.rotate.procrustes_rotation`
   with the method's objective, rotate, rotate the statistics exactly, and compress with
@@ -59,9 +61,10 @@ from kronlab.defaults import (  # noqa: E402
     THREADS,
     WINDOW,
 )
+from kronlab.closed_loop import CLOSED_LOOP_TARGETS  # noqa: E402
 from kronlab.rotate import rotation_a_shapes  # noqa: E402
 from kronlab.paths import results_dir, write_atomic  # noqa: E402
-from kronlab.results import allocation_key, resumed_config, run_allocation_key  # noqa: E402
+from kronlab.results import allocation_key, resumed_config, run_settings_key  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
 
 VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
@@ -69,7 +72,7 @@ VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
 COMPONENTS = {"none": (), "allocation": ("allocation",), "closed-loop": ("closed-loop",),
               "rotation": ("rotation",), "all": ("rotation", "allocation", "closed-loop")}
 PLAN_KEYS = ("methods", "ratios", "variants", "seeds", "threads", "device", "alloc_metric",
-             "alloc_min_ratio")
+             "alloc_min_ratio", "closed_loop_target", "closed_loop_damping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alloc-metric", default="fisher", choices=["fisher", "own"],
                    help="allocation: score every method by the K-FAC (Fisher) loss increase "
                         "(default; collects G), or by the method's own metric ('own')")
+    p.add_argument("--closed-loop-target", default="compressed", choices=CLOSED_LOOP_TARGETS,
+                   help="closed loop: fit each layer to the dense layer's outputs on the "
+                        "compressed inputs ('compressed', symmetric) or to the dense model's "
+                        "outputs ('dense', asymmetric; kronlab.closed_loop.asymmetric_target)")
+    p.add_argument("--closed-loop-damping", type=float, default=0.01,
+                   help="closed loop, target 'dense': the ridge toward W, relative to "
+                        "mean(diag C)")
     p.add_argument("--alloc-min-ratio", type=float, default=None,
                    help="allocation: the least ratio any layer may get (default: none)")
     p.add_argument("--threads", type=int, default=THREADS)
@@ -147,8 +157,9 @@ def _count(model) -> int:
 
 
 def run_key(run: dict) -> tuple:
-    """A recorded run's identity: seed, ratio, method, variant and its allocation settings."""
-    return run["seed"], run["ratio"], run["method"], run["variant"], run_allocation_key(run)
+    """A recorded run's identity: seed, ratio, method, variant and its settings (allocation,
+    closed-loop target)."""
+    return run["seed"], run["ratio"], run["method"], run["variant"], run_settings_key(run)
 
 
 def _json_structures(structures) -> dict:
@@ -160,7 +171,7 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     configure_threads(args.threads)
-    from kronlab.compress import METHODS
+    from kronlab.compress import METHODS, objective_of
 
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -173,6 +184,15 @@ def main(argv=None) -> int:
     if args.alloc_min_ratio is not None and not 0 < args.alloc_min_ratio <= min(args.ratios):
         p.error(f"--alloc-min-ratio must lie in (0, {min(args.ratios):g}] (at most the smallest "
                 f"of --ratios), got {args.alloc_min_ratio}")
+
+    if args.closed_loop_damping < 0:
+        p.error(f"--closed-loop-damping must be >= 0, got {args.closed_loop_damping}")
+    if args.closed_loop_target == "dense" and any(
+            objective_of(m) == "weight" for m in args.methods
+            if any("closed-loop" in COMPONENTS[v] for v in args.variants)):
+        p.error("--closed-loop-target dense fits in the metric of the compressed inputs: it "
+                "needs activation-aware methods (-aa, -fisher), not "
+                f"{[m for m in args.methods if objective_of(m) == 'weight']}")
 
     import torch
 
@@ -209,6 +229,7 @@ def main(argv=None) -> int:
         return "fisher" if args.alloc_metric == "fisher" or objective_of(method) == "fisher" \
             else "output"
 
+    cl_target = args.closed_loop_target
     plan = []
     for seed in args.seeds:  # a seed's runs share its statistics
         for ratio in args.ratios:
@@ -216,11 +237,13 @@ def main(argv=None) -> int:
                 for variant in args.variants:
                     if variant == "rotation" and not method.startswith("kron"):
                         continue  # a low-rank error does not change under a rotation
-                    key = (allocation_key(alloc_metric(method), args.alloc_min_ratio)
-                           if "allocation" in COMPONENTS[variant] else "")
-                    plan.append((seed, ratio, method, variant, key))
+                    akey = (allocation_key(alloc_metric(method), args.alloc_min_ratio)
+                            if "allocation" in COMPONENTS[variant] else "")
+                    tkey = cl_target if "closed-loop" in COMPONENTS[variant] else "compressed"
+                    key = run_settings_key({"allocation_key": akey, "closed_loop_target": tkey})
+                    plan.append((seed, ratio, method, variant, key, akey, tkey))
     done = {run_key(r) for r in results["runs"]}
-    todo = [x for x in plan if x not in done]
+    todo = [x for x in plan if x[:5] not in done]
     if not todo:
         print(f"nothing to do: all {len(plan)} runs are in {out}")
         return 0
@@ -234,7 +257,7 @@ def main(argv=None) -> int:
     names = list(find_linear_layers(model, include=args.layers))
     fisher = any(objective_of(m) == "fisher"
                  or ("allocation" in COMPONENTS[v] and alloc_metric(m) == "fisher")
-                 for _, _, m, v, _ in todo)
+                 for _, _, m, v, *_ in todo)
 
     def evaluate(m) -> dict:
         return {name: perplexity(m, tok, text, window=args.window, max_tokens=args.eval_tokens,
@@ -274,7 +297,7 @@ def main(argv=None) -> int:
                         fstats_seconds=time.perf_counter() - t)
         return data
 
-    for seed, ratio, method, variant, akey in todo:
+    for seed, ratio, method, variant, skey, akey, tkey in todo:
         data = seed_data(seed)
         kron = method.startswith("kron")
         macs = args.macs_cap if kron and args.macs_cap and args.macs_cap > 0 else None
@@ -289,6 +312,9 @@ def main(argv=None) -> int:
                "components": comps, "macs_ratio": macs, "statistics_shared": True}
         if akey:
             run["allocation_key"] = akey
+        if "closed-loop" in comps:
+            run["closed_loop_target"] = tkey
+            run["closed_loop_damping"] = args.closed_loop_damping if tkey == "dense" else None
         t_run = time.perf_counter()
         base, stats, structures = model, data["stats"], None
         if "rotation" in comps:
@@ -345,9 +371,11 @@ def main(argv=None) -> int:
                       gcovariances=stats.gcov if use_g else None, macs_ratio=macs,
                       layers=args.layers, als_sweeps=args.als_sweeps, device=args.device,
                       progress=False)
+        cl_options = ({"target": tkey, "damping": args.closed_loop_damping}
+                      if tkey == "dense" else {})
         t = time.perf_counter()
         if "closed-loop" in comps:
-            cmodel, report = compress_closed_loop(base, data["batches"], **common)
+            cmodel, report = compress_closed_loop(base, data["batches"], **common, **cl_options)
             cl = report.config
             phases["statistics"] = cl["statistics_seconds"] + cl["propagation_seconds"] + (
                 phases["statistics"] if use_g else 0.0)  # G: open loop
@@ -376,7 +404,7 @@ def main(argv=None) -> int:
         results["runs"].append(run)
         write_atomic(out, json.dumps(results, indent=1, default=str))
         ppl = ", ".join(f"{k} {v['perplexity']:.2f}" for k, v in run["ppl"].items())
-        label = variant + (f" [{akey}]" if akey else "")
+        label = variant + (f" [{skey}]" if skey else "")
         print(f"seed {seed} {method:11s} {ratio:.2f} {label:11s}: {ppl}; params kept "
               f"{run['model_params_kept']:.3f}, MACs {run['macs_kept']:.3f}, "
               f"{run['compress_seconds']:.0f} s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB",

@@ -8,7 +8,7 @@ import torch
 from tiny_model import tiny_gpt2, tiny_llama
 
 from kronlab.calibration import collect_covariances, collect_statistics
-from kronlab.closed_loop import compress_closed_loop
+from kronlab.closed_loop import asymmetric_target, compress_closed_loop
 from kronlab.compress import compress
 from kronlab.models import block_index, find_linear_layers, layer_type, set_submodule
 
@@ -220,3 +220,89 @@ def test_closed_loop_on_gpt2_and_bad_input():
                              progress=False)
     with pytest.raises(ValueError, match="ratio"):
         compress_closed_loop(model, calib, method="svd-aa", ratio=1.5, progress=False)
+
+
+# ------------------------------------------------------------ asymmetric (dense) target
+
+def test_asymmetric_target_identity():
+    """||W X_d^T - W_hat X_c^T||^2 = ||W X_d^T - W' X_c^T||^2 + N tr((W'-W_hat) C_c (W'-W_hat)^T)
+    for any W_hat (damping 0); the ridge keeps W' = W where X_c = X_d."""
+    g = torch.Generator().manual_seed(0)
+    N, m, n = 200, 5, 7
+    Xd = torch.randn(N, n, dtype=F64, generator=g)
+    Xc = Xd + 0.3 * torch.randn(N, n, dtype=F64, generator=g)
+    W = torch.randn(m, n, dtype=F64, generator=g)
+    Cc, Cdc = Xc.T @ Xc / N, Xd.T @ Xc / N
+    Wp = asymmetric_target(W, Cc, Cdc)
+    base = ((W @ Xd.T - Wp @ Xc.T) ** 2).sum()
+    for _ in range(3):
+        What = torch.randn(m, n, dtype=F64, generator=g)
+        E = Wp - What
+        lhs = ((W @ Xd.T - What @ Xc.T) ** 2).sum()
+        assert lhs == pytest.approx(float(base + N * torch.trace(E @ Cc @ E.T)), rel=1e-10)
+    # the ridge: minimiser of the error plus lam N ||W' - W||^2, and W' = W when X_c = X_d
+    lam = 0.1 * float(torch.diagonal(Cc).mean())
+    Wr = asymmetric_target(W, Cc, Cdc, damping=0.1)
+    grad = (Wr @ Xc.T - W @ Xd.T) @ Xc / N + lam * (Wr - W)
+    assert grad.abs().max() < 1e-10
+    Cd = Xd.T @ Xd / N
+    torch.testing.assert_close(asymmetric_target(W, Cd, Cd, damping=0.1), W)
+
+
+def test_asymmetric_closed_loop_fits_the_dense_outputs(llama):
+    """Block 1's inputs are the same in both closed loops (block 0 is fitted alike); there the
+    asymmetric svd-aa fit attains a lower error against the DENSE model's layer outputs
+    than the symmetric one, layer by layer (svd-aa is the exact optimum of its metric)."""
+    model, calib, _ = llama
+    sym, _ = compress_closed_loop(model, calib, method="svd-aa", ratio=0.4, batch_size=4,
+                                  progress=False)
+    asym, rep = compress_closed_loop(model, calib, method="svd-aa", ratio=0.4, batch_size=4,
+                                     target="dense", damping=0.0, progress=False)
+    assert rep.config["target"] == "dense"
+    names = [n for n in find_linear_layers(model) if block_index(n) == 1]
+
+    def inputs(m):
+        got = {}
+        hs = [m.get_submodule(n).register_forward_pre_hook(
+            lambda mod, a, n=n: got.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+            for n in names]
+        with torch.no_grad():
+            for ids in calib.split(4):
+                m(input_ids=ids)
+        for h in hs:
+            h.remove()
+        return {n: torch.cat(v).to(F64) for n, v in got.items()}
+
+    Xd = inputs(model)
+    Xc = inputs(_dense_with_compressed_blocks(model, asym, 1))
+    Xc_sym = inputs(_dense_with_compressed_blocks(model, sym, 1))
+    better = 0
+    for n in names:
+        torch.testing.assert_close(Xc[n], Xc_sym[n])     # the same block-1 inputs
+        W = model.get_submodule(n).weight.detach().to(F64)
+        target = Xd[n] @ W.T
+        with torch.no_grad():
+            err = {k: float(((target - mod.get_submodule(n)(Xc[n].float()).to(F64)) ** 2).sum())
+                   for k, mod in (("sym", sym), ("asym", asym))}
+        assert err["asym"] <= err["sym"] * (1 + 1e-5)
+        better += err["asym"] < 0.999 * err["sym"]
+    assert better >= len(names) // 2
+
+
+def test_asymmetric_closed_loop_with_exact_structures_is_the_dense_model(llama):
+    model, calib, _ = llama
+    out, _ = compress_closed_loop(model, calib, method="svd-aa", ratio=0.5, batch_size=4,
+                                  structures=FULL, target="dense", progress=False)
+    ids = calib[:2]
+    torch.testing.assert_close(_logits(out, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_asymmetric_closed_loop_bad_input(llama):
+    model, calib, _ = llama
+    with pytest.raises(ValueError, match="target must be one of"):
+        compress_closed_loop(model, calib, method="svd-aa", ratio=0.5, target="both")
+    with pytest.raises(ValueError, match="damping"):
+        compress_closed_loop(model, calib, method="svd-aa", ratio=0.5, target="dense",
+                             damping=-1.0)
+    with pytest.raises(ValueError, match="activation-aware"):
+        compress_closed_loop(model, calib, method="svd", ratio=0.5, target="dense")
