@@ -334,6 +334,7 @@ def compress_settings(args) -> dict:
         "rotate": args.rotate, "allocate": args.allocate, "closed_loop": args.closed_loop,
         "alloc_metric": args.alloc_metric if args.allocate else None,
         "alloc_min_ratio": args.alloc_min_ratio,
+        "closed_loop_target": args.closed_loop_target if args.closed_loop else None,
     }
 
 
@@ -366,6 +367,13 @@ def _check_pipeline(args, calibrate: bool, prog: str) -> None:
     if args.closed_loop and not calibrate:
         raise UsageError("--closed-loop collects statistics on calibration text; drop "
                          "--no-output-error", prog)
+    if args.closed_loop_target != "compressed" and not args.closed_loop:
+        raise UsageError("--closed-loop-target chooses what --closed-loop fits; add "
+                         "--closed-loop or drop it", prog)
+    if args.closed_loop_target == "dense" and args.method in ("svd", "kron"):
+        raise UsageError(f"--closed-loop-target dense fits in the metric of the compressed "
+                         f"inputs; {args.method} ignores activations: use an -aa or -fisher "
+                         "method", prog)
 
 
 def _settings_line(s: dict) -> str:
@@ -384,7 +392,8 @@ def _settings_line(s: dict) -> str:
              f"rotate={s['rotate']}", f"allocate={'yes' if s['allocate'] else 'no'}"
              + (f" (metric {s['alloc_metric']}" + ("" if s['alloc_min_ratio'] is None
                 else f", floor {s['alloc_min_ratio']:g}") + ")" if s['allocate'] else ""),
-             f"closed_loop={'yes' if s['closed_loop'] else 'no'}"]
+             f"closed_loop={'yes' if s['closed_loop'] else 'no'}"
+             + (f" (target {s['closed_loop_target']})" if s['closed_loop'] else "")]
     return "settings: " + ", ".join(parts)
 
 
@@ -688,7 +697,7 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
     with sw.phase("fit"):
         if s["closed_loop"]:
             cmodel, report = compress_closed_loop(
-                model, batches, gcovariances=gcov, **common)
+                model, batches, gcovariances=gcov, target=s["closed_loop_target"], **common)
         else:
             cmodel, report = compress(
                 model, covariances=None if stats is None else stats.cov,
@@ -781,6 +790,12 @@ def add_commands(sub) -> None:
                    help="fit block by block, each block's input covariances measured on the "
                         "model whose earlier blocks are already compressed (Fisher G stays "
                         "open loop); costs about one more pass over the calibration tokens")
+    c.add_argument("--closed-loop-target", default="compressed",
+                   choices=["compressed", "dense"],
+                   help="--closed-loop: fit each layer to the dense layer's outputs on its "
+                        "compressed inputs ('compressed', as GPTQ) or to the dense model's "
+                        "outputs ('dense', asymmetric as GPTAQ: can undo upstream error; one "
+                        "more block forward per block)")
     _add_runtime(c)
     c.set_defaults(func=_cmd_compress)
 

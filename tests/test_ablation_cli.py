@@ -75,6 +75,9 @@ def _error(argv, capsys) -> str:
     (["--allocate", "--alloc-min-ratio", "0.7"], r"must lie in \(0, --ratio 0.5\]"),
     (["--method", "kron", "--no-output-error", "--allocate"], r"use --alloc-metric own"),
     (["--allocate", "--alloc-metric", "kl"], r"invalid choice: 'kl'"),
+    (["--closed-loop-target", "dense"], r"add --closed-loop or drop it"),
+    (["--method", "kron", "--closed-loop", "--closed-loop-target", "dense"], r"use an -aa or"),
+    (["--closed-loop", "--closed-loop-target", "both"], r"invalid choice: 'both'"),
 ])
 def test_pipeline_argument_errors(extra, message, capsys, tmp_path, tiny_dir, no_model_load):
     out = tmp_path / "X"
@@ -89,7 +92,8 @@ def test_help_documents_the_pipeline_options(capsys):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--rotate {none,procrustes,hadamard,random}", "--allocate", "--closed-loop",
-                   "--seed", "--alloc-metric {fisher,own}", "--alloc-min-ratio"):
+                   "--seed", "--alloc-metric {fisher,own}", "--alloc-min-ratio",
+                   "--closed-loop-target {compressed,dense}"):
         assert option in text
     args = build_parser().parse_args(["compress", "--method", "kron", "--ratio", "0.5",
                                       "--out", "x"])
@@ -101,6 +105,7 @@ def test_help_documents_the_pipeline_options(capsys):
     ["--method", "kron-fisher", "--rotate", "hadamard", "--closed-loop", "--macs-ratio", "1"],
     ["--method", "svd-aa", "--allocate"],
     ["--method", "svd-aa", "--allocate", "--alloc-metric", "own", "--alloc-min-ratio", "0.3"],
+    ["--method", "svd-aa", "--closed-loop", "--closed-loop-target", "dense"],
 ])
 def test_pipeline_round_trip(extra, tiny_dir, tmp_path, capsys):
     text = tmp_path / "pride.txt"
@@ -131,6 +136,9 @@ def test_pipeline_round_trip(extra, tiny_dir, tmp_path, capsys):
         assert kept <= 0.5 + 1e-9
     if "--closed-loop" in extra:
         assert extra_cfg["report"]["config"]["closed_loop"] is True
+        target = "dense" if "dense" in extra else "compressed"
+        assert extra_cfg["report"]["config"]["target"] == target
+        assert f"closed_loop=yes (target {target})" in stdout
     # the save loads, and evaluates to the same loss as what was saved (a rotation is exact)
     from kronlab.io import load_compressed
 
