@@ -472,17 +472,18 @@ def run_allocation_key(run: dict) -> str:
 
 def run_settings_key(run: dict) -> str:
     """An ablation run's settings beyond its variant, as the label that keeps runs apart:
-    the allocation's (:func:`run_allocation_key`) and ``"asymmetric"`` for a closed loop
-    fitted to the dense model's outputs (``closed_loop_target == "dense"``).
+    the allocation's (:func:`run_allocation_key`) and ``"asymmetric <damping>"`` for a
+    closed loop fitted to the dense model's outputs (``closed_loop_target == "dense"``).
 
-    >>> run_settings_key({"allocation_key": "fisher", "closed_loop_target": "dense"})
-    'fisher, asymmetric'
+    >>> run_settings_key({"allocation_key": "fisher", "closed_loop_target": "dense",
+    ...                   "closed_loop_damping": 0.1})
+    'fisher, asymmetric 0.1'
     >>> run_settings_key({"closed_loop_target": "compressed"})
     ''
     """
     parts = [run_allocation_key(run)]
     if run.get("closed_loop_target") == "dense":
-        parts.append("asymmetric")
+        parts.append(f"asymmetric {run.get('closed_loop_damping', 0.01):g}")
     return ", ".join(p for p in parts if p)
 
 

@@ -18,7 +18,7 @@ model and record the perplexity on the held-out part of each evaluation corpus. 
 * ``closed-loop``: :func:`kronlab.closed_loop.compress_closed_loop` (each block's ``C``
   on the partly compressed model; the Fisher ``G`` stays open loop), fitted to the dense
   layer's outputs on those inputs or, with ``--closed-loop-target dense``, to the dense
-  model's outputs (asymmetric; part of the run's identity, label ``asymmetric``);
+  model's outputs (asymmetric; part of the run's identity, label ``asymmetric <damping>``);
 * ``rotation`` (Kronecker methods only; a low-rank error is rotation invariant): fold the
   norms, choose one residual-stream ``Q`` by :func:`kronlab.rotate.procrustes_rotation`
   with the method's objective, rotate, rotate the statistics exactly, and compress with
@@ -240,7 +240,8 @@ def main(argv=None) -> int:
                     akey = (allocation_key(alloc_metric(method), args.alloc_min_ratio)
                             if "allocation" in COMPONENTS[variant] else "")
                     tkey = cl_target if "closed-loop" in COMPONENTS[variant] else "compressed"
-                    key = run_settings_key({"allocation_key": akey, "closed_loop_target": tkey})
+                    key = run_settings_key({"allocation_key": akey, "closed_loop_target": tkey,
+                                            "closed_loop_damping": args.closed_loop_damping})
                     plan.append((seed, ratio, method, variant, key, akey, tkey))
     done = {run_key(r) for r in results["runs"]}
     todo = [x for x in plan if x[:5] not in done]

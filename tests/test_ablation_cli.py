@@ -256,3 +256,23 @@ def test_sweep_runs_every_variant_and_resumes(script, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="different settings"):
         script.main([*tiny[:-2], "--out", str(out), "--methods", "svd-aa", "--resume",
                      "--window", "64"])
+    # the asymmetric closed loop is another run too, labelled with its damping
+    assert script.main([*tiny, "--methods", "svd-aa", "--variants", "closed-loop",
+                        "--closed-loop-target", "dense", "--closed-loop-damping", "0.1",
+                        "--resume"]) == 0
+    res4 = json.loads(out.read_text())
+    new = res4["runs"][len(res3["runs"]):]
+    assert [(r["variant"], r["closed_loop_target"], r["report"]["config"]["target"])
+            for r in new] == [("closed-loop", "dense", "dense")]
+    assert new[0]["report"]["config"]["damping"] == 0.1
+    frame = kronlab.results.ablation_frame(res4)
+    assert {"closed-loop", "closed-loop [asymmetric 0.1]"} <= set(frame.variant)
+
+
+def test_sweep_rejects_bad_closed_loop_settings(script, capsys):
+    for argv, message in ((["--closed-loop-damping", "-1"], "must be >= 0"),
+                          (["--methods", "svd", "--closed-loop-target", "dense"],
+                           "needs activation-aware methods")):
+        with pytest.raises(SystemExit):
+            script.main(argv)
+        assert message in capsys.readouterr().err
