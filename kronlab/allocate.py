@@ -261,15 +261,9 @@ def greedy_allocation(params, losses, budget, *, macs=None, macs_budget=None):
     ``segments_taken``, ``prefix_params`` and ``prefix_loss``. Cost ``O(K log K)`` for
     ``K`` options in all.
     """
-    P, Ls, Ms = _check_curves(params, losses, macs)
+    P, Ls, Ms = _check_curves(params, losses, macs, budget, macs_budget)
     L = len(P)
     start = sum(float(p[0]) for p in P)
-    if start > budget:
-        raise ValueError(f"budget {budget:,.0f} is below the {start:,.0f} parameters of the "
-                         "cheapest options of all layers")
-    if Ms is not None and macs_budget is not None and sum(float(x[0]) for x in Ms) > macs_budget:
-        raise ValueError(f"macs_budget {macs_budget:,.0f} is below the cheapest options' "
-                         f"{sum(float(x[0]) for x in Ms):,.0f} multiply-adds")
     segs = []
     for i in range(L):
         h = _hull(P[i], Ls[i])
@@ -309,8 +303,9 @@ def greedy_allocation(params, losses, budget, *, macs=None, macs_budget=None):
     return choice, info
 
 
-def _check_curves(params, losses, macs):
-    """Validated float64 copies of the options (see :func:`greedy_allocation`)."""
+def _check_curves(params, losses, macs, budget, macs_budget):
+    """Validated float64 copies of the options (see :func:`greedy_allocation`); the budgets
+    must afford every layer's cheapest option."""
     L = len(params)
     if len(losses) != L:
         raise ValueError(f"params has {L} layers, losses {len(losses)}")
@@ -324,6 +319,14 @@ def _check_curves(params, losses, macs):
             raise ValueError(f"layer {i}: params must be ascending")
         if Ms is not None and Ms[i].shape != p.shape:
             raise ValueError(f"layer {i}: macs must have one entry per option")
+    start = sum(float(p[0]) for p in P)
+    if start > budget:
+        raise ValueError(f"budget {budget:,.0f} is below the {start:,.0f} parameters of the "
+                         "cheapest options of all layers")
+    if Ms is not None and macs_budget is not None \
+            and sum(float(x[0]) for x in Ms) > macs_budget * (1 + 1e-12):
+        raise ValueError(f"macs_budget {macs_budget:,.0f} is below the cheapest options' "
+                         f"{sum(float(x[0]) for x in Ms):,.0f} multiply-adds")
     return P, Ls, Ms
 
 
@@ -352,16 +355,9 @@ def knapsack_allocation(params, losses, budget, *, macs=None, macs_budget=None,
     >>> knapsack_allocation(P, L, budget=4)[0]
     [2, 0]
     """
-    P, Ls, Ms = _check_curves(params, losses, macs)
+    P, Ls, Ms = _check_curves(params, losses, macs, budget, macs_budget)
     nl = len(P)
-    start = sum(float(p[0]) for p in P)
-    if start > budget:
-        raise ValueError(f"budget {budget:,.0f} is below the {start:,.0f} parameters of the "
-                         "cheapest options of all layers")
     use_m = Ms is not None and macs_budget is not None
-    if use_m and sum(float(x[0]) for x in Ms) > macs_budget * (1 + 1e-12):
-        raise ValueError(f"macs_budget {macs_budget:,.0f} is below the cheapest options' "
-                         f"{sum(float(x[0]) for x in Ms):,.0f} multiply-adds")
     unit = float(resolution) if resolution else max(1.0, float(budget) / max_bins)
     nb = int(math.floor(budget / unit + 1e-9))
     W = [np.ceil(p / unit - 1e-9).astype(np.int64) for p in P]
