@@ -402,7 +402,6 @@ def knapsack_allocation(params, losses, budget, *, macs=None, macs_budget=None,
     mu = 0.0
     choice = solve(0.0)
     if not fits_m(choice):
-        cheapest = [int(np.argmin(m)) for m in Ms]   # not always the params-cheapest option
         hi = 1.0 * max(1e-300, sum(float(x.max()) for x in Ls)) / max(1.0, float(macs_budget))
         while not fits_m(solve(hi)) and hi < 1e300:
             hi *= 16
@@ -415,8 +414,8 @@ def knapsack_allocation(params, losses, budget, *, macs=None, macs_budget=None,
                 lo = mid
         choice = solve(hi)
         mu = hi
-        if not fits_m(choice):  # pragma: no cover - guarded by the checks above
-            choice = cheapest
+        if not fits_m(choice):  # pragma: no cover - option 0 everywhere fits both budgets
+            choice = [0] * nl
     # spend what rounding left: single upgrades, best loss decrease per parameter first
     used, used_m = totals(choice)
     while True:

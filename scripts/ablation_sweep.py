@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     from kronlab.allocate import allocate
     from kronlab.calibration import collect_statistics
     from kronlab.closed_loop import compress_closed_loop
-    from kronlab.compress import compress, objective_of
+    from kronlab.compress import compress
     from kronlab.data import calibration_token_batches, split_corpus
     from kronlab.evaluate import perplexity
     from kronlab.models import find_linear_layers, load_model
