@@ -332,6 +332,7 @@ def compress_settings(args) -> dict:
         "exclude": _patterns(args.exclude, "--exclude", prog),
         "device": device, "threads": args.threads, "dtype": args.dtype, "out": str(out),
         "rotate": args.rotate, "allocate": args.allocate, "closed_loop": args.closed_loop,
+        "rotate_scope": args.rotate_scope if args.rotate != "none" else None,
         "alloc_metric": args.alloc_metric if args.allocate else None,
         "alloc_min_ratio": args.alloc_min_ratio,
         "closed_loop_target": args.closed_loop_target if args.closed_loop else None,
@@ -340,6 +341,8 @@ def compress_settings(args) -> dict:
 
 #: ``kronlab compress --rotate`` choices: no rotation, or the residual-stream Q
 ROTATIONS = ("none", "procrustes", "hadamard", "random")
+#: ``--rotate-scope``: one Q for the whole stream, or one per decoder block (skip maps paid)
+ROTATE_SCOPES = ("global", "block")
 
 
 def _check_pipeline(args, calibrate: bool, prog: str) -> None:
@@ -348,6 +351,12 @@ def _check_pipeline(args, calibrate: bool, prog: str) -> None:
         raise UsageError(f"--rotate {args.rotate} with {args.method}: a rotation of the residual "
                          "stream leaves every low-rank error unchanged (rotation invariant); use "
                          "a kron method, or --rotate none", prog)
+    if args.rotate_scope != "global" and args.rotate in ("none", "hadamard"):
+        raise UsageError(f"--rotate-scope {args.rotate_scope} gives each decoder block its own Q; "
+                         + ("add --rotate procrustes or random" if args.rotate == "none" else
+                            "--rotate hadamard is one fixed Q, the same for every block (no "
+                            "skip maps needed): use --rotate-scope global, or procrustes/random"),
+                         prog)
     if args.rotate != "none" and args.shape_policy != "per-type":
         raise UsageError(f"--rotate {args.rotate} fixes one factor shape per layer type; use "
                          "--shape-policy per-type", prog)
@@ -389,7 +398,8 @@ def _settings_line(s: dict) -> str:
              f"permute={s['permute'] or 'none'}", f"shape_policy={s['shape_policy']}",
              f"layers={layers}", f"exclude={', '.join(s['exclude']) if s['exclude'] else 'none'}",
              f"device={s['device']}", f"threads={s['threads']}", f"dtype={s['dtype']}",
-             f"rotate={s['rotate']}", f"allocate={'yes' if s['allocate'] else 'no'}"
+             f"rotate={s['rotate']}" + (f" ({s['rotate_scope']})" if s['rotate_scope'] else ""),
+             f"allocate={'yes' if s['allocate'] else 'no'}"
              + (f" (metric {s['alloc_metric']}" + ("" if s['alloc_min_ratio'] is None
                 else f", floor {s['alloc_min_ratio']:g}") + ")" if s['allocate'] else ""),
              f"closed_loop={'yes' if s['closed_loop'] else 'no'}"
@@ -606,6 +616,8 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
     """``kronlab compress`` with --rotate / --allocate / --closed-loop, in that order, on
     ``model`` in place: fold and rotate the residual stream (statistics rotated exactly),
     spread the budget, then fit (closed loop: block by block). Returns (model, report, extra)."""
+    import torch
+
     from .allocate import allocate
     from .calibration import collect_statistics
     from .closed_loop import compress_closed_loop
@@ -615,6 +627,7 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
         fold_norms,
         rotation_a_shapes,
         hadamard,
+        per_block_layer_ratio,
         procrustes_rotation,
         random_orthogonal,
         residual_layout,
@@ -642,30 +655,44 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
                                            gradients=objective == "fisher" or fisher_alloc,
                                            device=s["device"])
     structures = None
+    ratio = s["ratio"]  # of the layers; per-block rotations pay their skip maps from it
+    per_block = s["rotate_scope"] == "block"
     if s["rotate"] != "none":
         with sw.phase("rotation"):
-            d = residual_layout(model).hidden_size
+            lay = residual_layout(model)
+            d = lay.hidden_size
+            if per_block:
+                ratio, skip = per_block_layer_ratio(model, list(targets), s["ratio"])
+                extra["per_block"] = {"skip_parameters": skip, "layer_ratio": ratio}
+                print(f"per-block rotations: {skip:,} skip-map parameters paid from the "
+                      f"budget; the layers keep {ratio:.4f}", flush=True)
             # shapes a rotation can change (the chooser's own are mostly rotation invariant)
-            shapes = rotation_a_shapes(model, targets, method=s["method"], ratio=s["ratio"],
+            shapes = rotation_a_shapes(model, targets, method=s["method"], ratio=ratio,
                                        macs_ratio=s["macs_ratio"], stats=stats)
             structures = {t: {"a_shape": a} for t, a in shapes.items()}
             if s["rotate"] == "procrustes":
-                res = procrustes_rotation(model, stats, method=s["method"], ratio=s["ratio"],
+                res = procrustes_rotation(model, stats, method=s["method"], ratio=ratio,
                                           layers=s["layers"], exclude=s["exclude"],
-                                          shapes=shapes, device=s["device"], progress=False)
+                                          shapes=shapes, per_block=per_block,
+                                          device=s["device"], progress=False)
                 Q = res.Q
                 extra["procrustes"] = res.to_dict()
             elif s["rotate"] == "hadamard":
                 Q = hadamard(d)
+            elif per_block:
+                Q = torch.stack([random_orthogonal(d, s["seed"] + i)
+                                 for i in range(len(lay.blocks))])
             else:
                 Q = random_orthogonal(d, s["seed"])
             if stats is not None:
                 stats = rotate_statistics(stats, model, Q)
             rotate_residual(model, Q, in_place=True)
         extra["rotation"] = {"kind": s["rotate"], "tied_head": "untie",
+                             "scope": s["rotate_scope"],
                              "extra_parameters": model.kronlab_rotation["extra_parameters"]}
-        print(f"rotation: {s['rotate']}, {extra['rotation']['extra_parameters']:,} extra "
-              "parameters (untied head)", flush=True)
+        print(f"rotation: {s['rotate']} ({s['rotate_scope']}), "
+              f"{extra['rotation']['extra_parameters']:,} extra parameters (untied head"
+              + (", skip maps)" if per_block else ")"), flush=True)
     ratios = None
     if s["allocate"]:
         with sw.phase("allocation"):
@@ -673,7 +700,7 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
             alloc = allocate(model, stats if by_fisher else
                              (None if stats is None else stats.cov), method=s["method"],
                              min_ratio=s["alloc_min_ratio"],
-                             ratio=s["ratio"], macs_ratio=s["macs_ratio"], layers=s["layers"],
+                             ratio=ratio, macs_ratio=s["macs_ratio"], layers=s["layers"],
                              exclude=s["exclude"], shape_policy=s["shape_policy"],
                              a_shapes=None if structures is None else
                              {t: v["a_shape"] for t, v in structures.items()},
@@ -688,7 +715,7 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
                                "predicted_loss": alloc.predicted_loss,
                                "uniform_loss": alloc.uniform_loss, "solver": alloc.solver,
                                "fallback_uniform": alloc.fallback_uniform}
-    common = dict(method=s["method"], ratio=s["ratio"], ratios=ratios, structures=structures,
+    common = dict(method=s["method"], ratio=ratio, ratios=ratios, structures=structures,
                   layers=s["layers"], exclude=s["exclude"], macs_ratio=s["macs_ratio"],
                   permute=s["permute"], als_sweeps=s["als_sweeps"],
                   shape_policy=s["shape_policy"], in_place=True, device=s["device"])
@@ -774,6 +801,11 @@ def add_commands(sub) -> None:
                         "shapes a rotation can change (not low-rank-like). procrustes: Q chosen for the method's fit; "
                         "hadamard, random (--seed): baselines. Low-rank "
                         "methods are rotation invariant and rejected")
+    c.add_argument("--rotate-scope", default="global", choices=ROTATE_SCOPES,
+                   help="--rotate procrustes/random: one Q for the whole residual stream "
+                        "(global, no parameters) or one per decoder block (block: L-1 skip "
+                        "maps of hidden^2 parameters each, paid from --ratio's budget; SmolLM2: "
+                        "9.6 M, 0.091 of its layers')")
     c.add_argument("--allocate", action="store_true",
                    help="spread the parameter budget (and --macs-ratio) over the layers to "
                         "minimise the predicted loss (kronlab.allocate) instead of giving "

@@ -81,7 +81,8 @@ def _block_inputs(model, batches, first_block, device):
         caught.append((hidden.detach(), args[1:], kw))
         raise _Stop
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    # first: the block's own pre-hooks (a kronlab.rotate.ResidualMap) run when it is called
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         with torch.no_grad():
             for batch in batches:

@@ -112,9 +112,14 @@ def _manifest(model: nn.Module, config_extra, dtype: torch.dtype | None) -> dict
     if dtype is not None:
         for rec in modules:
             rec["dtype"] = _dtype_name(dtype)
+    from .rotate import ResidualMap
+
+    maps = [name.rsplit(".", 1)[0] for name, mod in model.named_modules()
+            if isinstance(mod, ResidualMap)]
     return {"format": _FORMAT, "version": _VERSION, "model_class": type(model).__name__,
             "model_dtype": _dtype_name(dtype or memory_dtype),
             "memory_dtype": _dtype_name(memory_dtype), "modules": modules,
+            "residual_maps": maps,
             "config_extra": config_extra if config_extra is not None else {}}
 
 
@@ -302,6 +307,13 @@ def load_compressed(directory, *, device="cpu", dtype=None):
     model.to(device=device)
     for rec in manifest["modules"]:
         set_submodule(model, rec["name"], _empty_module(rec, device, override))
+    if manifest.get("residual_maps"):  # per-block rotations' skip maps (kronlab.rotate)
+        from .rotate import attach_residual_map
+
+        hidden = int(config.get_text_config().hidden_size) \
+            if hasattr(config, "get_text_config") else int(config.hidden_size)
+        for name in manifest["residual_maps"]:
+            attach_residual_map(model.get_submodule(name), torch.eye(hidden))
     load_model(model, str(d / WEIGHTS), strict=True, device=str(device))
     model.tie_weights()
     model.eval()

@@ -472,18 +472,23 @@ def run_allocation_key(run: dict) -> str:
 
 def run_settings_key(run: dict) -> str:
     """An ablation run's settings beyond its variant, as the label that keeps runs apart:
-    the allocation's (:func:`run_allocation_key`) and ``"asymmetric <damping>"`` for a
-    closed loop fitted to the dense model's outputs (``closed_loop_target == "dense"``).
+    the allocation's (:func:`run_allocation_key`), ``"asymmetric <damping>"`` for a
+    closed loop fitted to the dense model's outputs (``closed_loop_target == "dense"``)
+    and ``"per-block Q"`` for rotations with one Q per decoder block.
 
     >>> run_settings_key({"allocation_key": "fisher", "closed_loop_target": "dense",
     ...                   "closed_loop_damping": 0.1})
     'fisher, asymmetric 0.1'
     >>> run_settings_key({"closed_loop_target": "compressed"})
     ''
+    >>> run_settings_key({"rotation_scope": "block"})
+    'per-block Q'
     """
     parts = [run_allocation_key(run)]
     if run.get("closed_loop_target") == "dense":
         parts.append(f"asymmetric {run.get('closed_loop_damping', 0.01):g}")
+    if run.get("rotation_scope") == "block":
+        parts.append("per-block Q")
     return ", ".join(p for p in parts if p)
 
 

@@ -22,7 +22,10 @@ model and record the perplexity on the held-out part of each evaluation corpus. 
 * ``rotation`` (Kronecker methods only; a low-rank error is rotation invariant): fold the
   norms, choose one residual-stream ``Q`` by :func:`kronlab.rotate.procrustes_rotation`
   with the method's objective, rotate, rotate the statistics exactly, and compress with
-  the Procrustes factor shapes fixed (``compress(structures=...)``);
+  the Procrustes factor shapes fixed (``compress(structures=...)``); with
+  ``--rotation-scope block`` one ``Q`` per decoder block instead, whose ``L - 1`` skip
+  maps are paid from the ratio's budget (:func:`kronlab.rotate.per_block_layer_ratio`;
+  part of the run's identity, label ``per-block Q``);
 * ``all``: rotation (Kronecker only) + allocation + closed loop.
 
 Kronecker methods run with ``--macs-cap`` (forward MACs per token at most that fraction of
@@ -62,7 +65,7 @@ from kronlab.defaults import (  # noqa: E402
     WINDOW,
 )
 from kronlab.closed_loop import CLOSED_LOOP_TARGETS  # noqa: E402
-from kronlab.rotate import rotation_a_shapes  # noqa: E402
+from kronlab.rotate import per_block_layer_ratio, rotation_a_shapes  # noqa: E402
 from kronlab.paths import results_dir, write_atomic  # noqa: E402
 from kronlab.results import allocation_key, resumed_config, run_settings_key  # noqa: E402
 from kronlab.runtime import configure_threads  # noqa: E402
@@ -72,7 +75,7 @@ VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
 COMPONENTS = {"none": (), "allocation": ("allocation",), "closed-loop": ("closed-loop",),
               "rotation": ("rotation",), "all": ("rotation", "allocation", "closed-loop")}
 PLAN_KEYS = ("methods", "ratios", "variants", "seeds", "threads", "device", "alloc_metric",
-             "alloc_min_ratio", "closed_loop_target", "closed_loop_damping")
+             "alloc_min_ratio", "closed_loop_target", "closed_loop_damping", "rotation_scope")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "change), 'sqrt' (m1, n1 the divisors nearest sqrt(m), sqrt(n); "
                         "expensive in MACs at high rank) or 'chooser' "
                         "(procrustes_rotation's own choice; often rotation invariant)")
+    p.add_argument("--rotation-scope", default="global", choices=["global", "block"],
+                   help="rotation: one Q for the residual stream (global, no parameters) or "
+                        "one per decoder block (block: L-1 skip maps of d^2 parameters, paid "
+                        "from the ratio's budget)")
     p.add_argument("--procrustes-iters", type=int, default=20, help="Frobenius rounds")
     p.add_argument("--procrustes-weighted-rounds", type=int, default=1)
     p.add_argument("--alloc-measure", default="fit", choices=["fit", "spectrum"])
@@ -240,8 +247,11 @@ def main(argv=None) -> int:
                     akey = (allocation_key(alloc_metric(method), args.alloc_min_ratio)
                             if "allocation" in COMPONENTS[variant] else "")
                     tkey = cl_target if "closed-loop" in COMPONENTS[variant] else "compressed"
+                    scope = args.rotation_scope if "rotation" in COMPONENTS[variant] and \
+                        method.startswith("kron") else "global"
                     key = run_settings_key({"allocation_key": akey, "closed_loop_target": tkey,
-                                            "closed_loop_damping": args.closed_loop_damping})
+                                            "closed_loop_damping": args.closed_loop_damping,
+                                            "rotation_scope": scope})
                     plan.append((seed, ratio, method, variant, key, akey, tkey))
     done = {run_key(r) for r in results["runs"]}
     todo = [x for x in plan if x[:5] not in done]
@@ -318,21 +328,27 @@ def main(argv=None) -> int:
             run["closed_loop_damping"] = args.closed_loop_damping if tkey == "dense" else None
         t_run = time.perf_counter()
         base, stats, structures = model, data["stats"], None
+        fit_ratio = ratio  # of the layers (per-block rotations pay their skip maps from it)
         if "rotation" in comps:
             fd = folded_data(seed)
             phases["statistics"] = fd["fstats_seconds"]
             t = time.perf_counter()
+            per_block = args.rotation_scope == "block"
+            skip = 0
+            if per_block:
+                fit_ratio, skip = per_block_layer_ratio(fd["folded"], names, ratio)
+                run["rotation_scope"] = "block"
             if args.rotation_shapes == "chooser":
                 shapes = None
             elif args.rotation_shapes == "sqrt":
                 shapes = rotation_a_shapes(fd["folded"], names)
             else:
-                shapes = rotation_a_shapes(fd["folded"], names, method=method, ratio=ratio,
+                shapes = rotation_a_shapes(fd["folded"], names, method=method, ratio=fit_ratio,
                                            macs_ratio=macs, stats=fd["fstats"])
-            res = procrustes_rotation(fd["folded"], fd["fstats"], method=method, ratio=ratio,
-                                      iters=args.procrustes_iters,
+            res = procrustes_rotation(fd["folded"], fd["fstats"], method=method,
+                                      ratio=fit_ratio, iters=args.procrustes_iters,
                                       weighted_rounds=args.procrustes_weighted_rounds,
-                                      shapes=shapes, layers=args.layers,
+                                      shapes=shapes, layers=args.layers, per_block=per_block,
                                       als_sweeps=args.als_sweeps, device=args.device,
                                       progress=False)
             base = rotate_residual(fd["folded"], res.Q)
@@ -344,6 +360,8 @@ def main(argv=None) -> int:
                           if "a_shape" in s}
             run["rotation"] = {"procrustes": res.to_dict(), "tied_head": args.tied_head,
                                "shapes": args.rotation_shapes,
+                               "scope": args.rotation_scope, "skip_parameters": skip,
+                               "layer_ratio": fit_ratio,
                                "extra_parameters": base.kronlab_rotation["extra_parameters"]}
         ratios = None
         if "allocation" in comps:
@@ -351,7 +369,7 @@ def main(argv=None) -> int:
             a_shapes = None if structures is None else {k: v["a_shape"]
                                                         for k, v in structures.items()}
             alloc_g = alloc_metric(method) == "fisher"
-            alloc = allocate(base, stats if alloc_g else stats.cov, method=method, ratio=ratio,
+            alloc = allocate(base, stats if alloc_g else stats.cov, method=method, ratio=fit_ratio,
                              macs_ratio=macs, layers=args.layers, a_shapes=a_shapes,
                              measure=args.alloc_measure, als_sweeps=args.als_sweeps,
                              min_ratio=args.alloc_min_ratio, progress=False)
@@ -368,7 +386,7 @@ def main(argv=None) -> int:
                                  "solver": alloc.solver,
                                  "solver_losses": alloc.config["solver_losses"],
                                  "min_ratio": args.alloc_min_ratio}
-        common = dict(method=method, ratio=ratio, ratios=ratios, structures=structures,
+        common = dict(method=method, ratio=fit_ratio, ratios=ratios, structures=structures,
                       gcovariances=stats.gcov if use_g else None, macs_ratio=macs,
                       layers=args.layers, als_sweeps=args.als_sweeps, device=args.device,
                       progress=False)

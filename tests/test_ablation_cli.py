@@ -69,6 +69,9 @@ def _error(argv, capsys) -> str:
     (["--rotate", "procrustes", "--shape-policy", "per-layer"], r"--shape-policy per-type"),
     (["--rotate", "random", "--shape-policy", "per-layer"], r"--rotate random fixes one"),
     (["--rotate", "givens"], r"argument --rotate: invalid choice: 'givens'"),
+    (["--rotate-scope", "block"], r"add --rotate procrustes or random"),
+    (["--rotate", "hadamard", "--rotate-scope", "block"], r"use --rotate-scope global"),
+    (["--rotate", "procrustes", "--rotate-scope", "layer"], r"invalid choice: 'layer'"),
     (["--allocate", "--ratio", "1"], r"no budget to spread"),
     (["--method", "kron", "--no-output-error", "--closed-loop"], r"--closed-loop collects"),
     (["--alloc-min-ratio", "0.2"], r"add --allocate or drop it"),
@@ -103,6 +106,8 @@ def test_help_documents_the_pipeline_options(capsys):
 @pytest.mark.parametrize("extra", [
     ["--method", "kron-aa", "--rotate", "procrustes", "--allocate", "--closed-loop"],
     ["--method", "kron-fisher", "--rotate", "hadamard", "--closed-loop", "--macs-ratio", "1"],
+    ["--method", "kron-aa", "--rotate", "procrustes", "--rotate-scope", "block", "--allocate"],
+    ["--method", "kron", "--rotate", "random", "--rotate-scope", "block", "--closed-loop"],
     ["--method", "svd-aa", "--allocate"],
     ["--method", "svd-aa", "--allocate", "--alloc-metric", "own", "--alloc-min-ratio", "0.3"],
     ["--method", "svd-aa", "--closed-loop", "--closed-loop-target", "dense"],
@@ -125,6 +130,13 @@ def test_pipeline_round_trip(extra, tiny_dir, tmp_path, capsys):
             i = 0 if _writes(r["name"]) else 1
             assert 1 < r["a_shape"][i] < r["shape"][i], r
         assert "rotate=" + extra[extra.index("--rotate") + 1] in stdout
+    if "block" in extra:
+        # one skip map (2 blocks, 32 x 32), paid from the budget of 0.5 x 18432 parameters
+        assert extra_cfg["per_block"] == {"skip_parameters": 1024,
+                                          "layer_ratio": pytest.approx(0.5 - 1024 / 18432)}
+        summary = extra_cfg["report"]["summary"]
+        assert summary["layer_params_after"] + 1024 <= 0.5 * summary["layer_params_before"] + 1
+        assert extra_cfg["rotation"]["scope"] == "block"
     if "--allocate" in extra:
         assert "allocation" in extra_cfg["timings"]
         assert len(extra_cfg["allocation"]["ratios"]) == 14
@@ -146,6 +158,10 @@ def test_pipeline_round_trip(extra, tiny_dir, tmp_path, capsys):
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+    if "block" in extra:
+        from kronlab.rotate import residual_map_parameters
+
+        assert residual_map_parameters(model) == 1024
 
 
 def test_rotation_alone_keeps_the_function(tiny_dir, tmp_path):
@@ -267,6 +283,22 @@ def test_sweep_runs_every_variant_and_resumes(script, tmp_path, monkeypatch):
     assert new[0]["report"]["config"]["damping"] == 0.1
     frame = kronlab.results.ablation_frame(res4)
     assert {"closed-loop", "closed-loop [asymmetric 0.1]"} <= set(frame.variant)
+    # per-block rotations: another run; the skip map (2 blocks: one 32 x 32) is paid from
+    # the budget, so the layers keep less and layers + map stay within the ratio
+    assert script.main([*tiny, "--methods", "kron-fisher", "--variants", "rotation",
+                        "--rotation-scope", "block", "--resume"]) == 0
+    res5 = json.loads(out.read_text())
+    new = res5["runs"][len(res4["runs"]):]
+    assert [(r["variant"], r["rotation_scope"]) for r in new] == [("rotation", "block")]
+    r = new[0]
+    assert r["rotation"]["skip_parameters"] == 1024 and r["rotation"]["scope"] == "block"
+    assert r["rotation"]["procrustes"]["config"]["per_block"] is True
+    assert r["layer_params_after"] + 1024 <= 0.5 * r["layer_params_before"] + 1
+    assert r["rotation"]["extra_parameters"] == 32 * 32 + 1024   # mixed head + skip map
+    assert r["model_params"] == (res["dense"]["parameters"] - r["layer_params_before"]
+                                 + r["layer_params_after"] + 32 * 32 + 1024)
+    frame = kronlab.results.ablation_frame(res5)
+    assert {"rotation", "rotation [per-block Q]"} <= set(frame.variant)
 
 
 def test_sweep_rejects_bad_closed_loop_settings(script, capsys):

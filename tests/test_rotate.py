@@ -1,6 +1,7 @@
 """Residual-stream rotations: folding and rotating are exact, bad architectures are refused,
 statistics transform exactly, and the Procrustes steps are optimal."""
 
+import copy
 import inspect
 
 import numpy as np
@@ -10,7 +11,9 @@ from tiny_model import tiny_gpt2, tiny_llama
 
 from kronlab import nearest_kronecker
 from kronlab.calibration import collect_statistics
+from kronlab.models import find_linear_layers
 from kronlab.rotate import (
+    ResidualMap,
     RotationUnsupported,
     fold_norms,
     hadamard,
@@ -18,6 +21,7 @@ from kronlab.rotate import (
     procrustes_rotation,
     random_orthogonal,
     residual_layout,
+    residual_map_parameters,
     rotate_residual,
     rotate_statistics,
     weighted_procrustes,
@@ -199,6 +203,134 @@ def test_rotate_statistics_equals_recollection(llama):
         torch.equal(plain[q], moved.cov[q])
 
 
+# ----------------------------------------------------------------------------- per block
+
+@pytest.fixture(scope="module")
+def llama3():
+    model, _ = tiny_llama(0, n_layers=3)
+    return _randomize_norms(model, seed=2)
+
+
+def _block_qs(n, d=32, seed=10):
+    return torch.stack([random_orthogonal(d, seed=seed + i) for i in range(n)])
+
+
+@pytest.mark.parametrize("tied_head, head_extra", [("untie", 256 * 32), ("mix", 32 * 32)])
+def test_per_block_rotation_is_exact_and_pays_for_its_maps(llama3, tied_head, head_extra):
+    ids = _ids(seed=4)
+    ref = llama3(ids).logits
+    folded = fold_norms(llama3, tied_head=tied_head)
+    Qs = _block_qs(3)
+    rotated = rotate_residual(folded, Qs)
+    assert _rel(rotated(ids).logits, ref) < 1e-4
+    # two skip maps (blocks 1 and 2), S_i = Q_{i-1}^T Q_i, and their parameters counted
+    lay = residual_layout(rotated)
+    assert lay.residual_maps == ["model.layers.1", "model.layers.2"]
+    for i in (1, 2):
+        assert isinstance(rotated.get_submodule(f"model.layers.{i}.residual_map"), ResidualMap)
+        S = rotated.get_submodule(f"model.layers.{i}.residual_map").weight.detach().to(F64)
+        torch.testing.assert_close(S, Qs[i - 1].T @ Qs[i], rtol=0, atol=1e-6)
+    assert residual_map_parameters(rotated) == 2 * 32 * 32
+    assert rotated.kronlab_rotation["extra_parameters"] == head_extra + 2 * 32 * 32
+    n_params = sum(p.numel() for p in rotated.parameters())
+    assert n_params == sum(p.numel() for p in folded.parameters()) + 2 * 32 * 32
+    # block i's layers moved by Q_i
+    W = folded.get_submodule("model.layers.2.mlp.up_proj").weight.detach().to(F64)
+    Wr = rotated.get_submodule("model.layers.2.mlp.up_proj").weight.detach().to(F64)
+    torch.testing.assert_close(Wr, W @ Qs[2], rtol=0, atol=1e-6)
+    W = folded.get_submodule("model.layers.1.self_attn.o_proj").weight.detach().to(F64)
+    Wr = rotated.get_submodule("model.layers.1.self_attn.o_proj").weight.detach().to(F64)
+    torch.testing.assert_close(Wr, Qs[1].T @ W, rtol=0, atol=1e-6)
+    # a copy keeps its maps working; a global rotation on top composes with them (no new
+    # maps), and so do further per-block rotations
+    again = rotate_residual(copy.deepcopy(rotated), hadamard(32))
+    assert _rel(again(ids).logits, ref) < 1e-4 and residual_map_parameters(again) == 2 * 32 * 32
+    more = rotate_residual(again, _block_qs(3, seed=40))
+    assert _rel(more(ids).logits, ref) < 1e-4 and residual_map_parameters(more) == 2 * 32 * 32
+    # the maps are not linear layers: compression never picks them up
+    assert not any("residual_map" in n for n in find_linear_layers(rotated))
+    # equal neighbouring Qs need no map
+    Q = random_orthogonal(32, seed=1)
+    same = rotate_residual(folded, torch.stack([Q, Q, hadamard(32)]))
+    assert residual_layout(same).residual_maps == ["model.layers.2"]
+    assert _rel(same(ids).logits, ref) < 1e-4
+
+
+def test_per_block_layer_ratio(llama3):
+    from kronlab.rotate import per_block_layer_ratio
+
+    names = find_linear_layers(llama3, include="model.layers.*")
+    total = sum(m.weight.numel() for m in names.values())   # 3 blocks x 9216
+    ratio, skip = per_block_layer_ratio(llama3, list(names), 0.5)
+    assert skip == 2 * 32 * 32 and ratio == pytest.approx((0.5 * total - skip) / total)
+    with pytest.raises(ValueError, match="needs a ratio above 0.074"):
+        per_block_layer_ratio(llama3, list(names), 0.05)
+
+
+def test_per_block_rotation_bad_input(llama3):
+    plain, _ = tiny_llama(0, n_layers=3)   # unit final norm: folding keeps the head tied
+    folded = fold_norms(plain)
+    assert residual_layout(folded).tied and not residual_layout(folded).mixer
+    with pytest.raises(RotationUnsupported, match="tied_head='mix'"):
+        rotate_residual(folded, _block_qs(3))
+    Q = _block_qs(3)
+    Q[2] = Q[0]   # first and last equal: the tied head reads the right basis
+    ids = _ids(seed=6)
+    assert _rel(rotate_residual(folded, Q)(ids).logits, plain(ids).logits) < 1e-4
+    folded = fold_norms(llama3, tied_head="mix")
+    with pytest.raises(ValueError, match=r"need \(3, 32, 32\), one Q per decoder block"):
+        rotate_residual(folded, _block_qs(2))
+    with pytest.raises(ValueError, match="not orthogonal"):
+        rotate_residual(folded, 2 * _block_qs(3))
+    with pytest.raises(ValueError, match=r"\(32, 32\) \(one rotation\)"):
+        rotate_residual(folded, torch.eye(32)[None, None])
+
+
+def test_per_block_statistics_equal_recollection(llama3):
+    folded = fold_norms(llama3, tied_head="mix")
+    lay = residual_layout(folded)
+    names = list(dict.fromkeys(lay.readers + lay.writers))
+    ids = _ids(shape=(4, 16), seed=8)
+    Qs = _block_qs(3, seed=20)
+    stats = collect_statistics(folded, ids, names, progress=False)
+    recollected = collect_statistics(rotate_residual(folded, Qs), ids, names, progress=False)
+    moved = rotate_statistics(stats, folded, Qs)
+    for n in names:
+        assert _rel(moved.cov[n], recollected.cov[n]) < 1e-4, n
+        assert _rel(moved.gcov[n], recollected.gcov[n]) < 1e-4, n
+    q, v = "model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"
+    assert moved.cov[q] is moved.cov[v]
+
+
+def test_closed_loop_sees_each_block_input_once(llama3):
+    """The closed loop catches a block's inputs before its residual map runs: compressing
+    only block 1 of a per-block rotated model, its covariances are the open-loop ones."""
+    from kronlab.closed_loop import compress_closed_loop
+
+    rotated = rotate_residual(fold_norms(llama3, tied_head="mix"), _block_qs(3, seed=30))
+    ids = _ids(shape=(4, 16), seed=9)
+    layers = "model.layers.1.*"
+    _, rep = compress_closed_loop(rotated, ids, method="svd-aa", ratio=0.5, layers=layers,
+                                  keep_covariances=True, progress=False)
+    ref = collect_statistics(rotated, ids, find_linear_layers(rotated, include=layers),
+                             gradients=False, progress=False).cov
+    for n, C in rep.covariances.items():
+        torch.testing.assert_close(C, ref[n], rtol=1e-8, atol=1e-10)
+
+
+def test_per_block_rotated_compressed_model_saves_and_loads(llama3, tmp_path):
+    from kronlab.compress import compress
+    from kronlab.io import load_compressed, save_compressed
+
+    rotated = rotate_residual(fold_norms(llama3, tied_head="untie"), _block_qs(3, seed=50))
+    small, _ = compress(rotated, method="kron", ratio=0.5, progress=False)
+    save_compressed(small, tmp_path / "m")
+    loaded, _ = load_compressed(tmp_path / "m")
+    ids = _ids(seed=11)
+    torch.testing.assert_close(loaded(ids).logits, small(ids).logits, rtol=0, atol=1e-6)
+    assert residual_map_parameters(loaded) == 2 * 32 * 32
+
+
 # ----------------------------------------------------------------------------- matrices
 
 @pytest.mark.parametrize("d", [1, 2, 4, 8, 12, 20, 24, 28, 32, 36, 44, 64, 576, 768])
@@ -343,6 +475,35 @@ def test_fisher_round_objective_identity(folded_stats):
     assert h["objective"] == pytest.approx(h["objective_fit"], rel=1e-9)
 
 
+def test_procrustes_per_block_does_at_least_as_well_and_reports_its_objective(folded_stats):
+    """One round from the same start: the per-block Q-step minimises over a superset of
+    the global one's (the same fits), so its objective is no larger; the reported
+    objective is the refit in the rotated model, and the Qs are orthogonal."""
+    folded, stats = folded_stats
+    kw = {"method": "kron", "ratio": 0.5, "iters": 1, "progress": False, "shapes": SHAPES_44}
+    one = procrustes_rotation(folded, **kw)
+    per = procrustes_rotation(folded, per_block=True, **kw)
+    assert per.Q.shape == (2, 32, 32) and per.config["per_block"]
+    for Q in per.Q:
+        torch.testing.assert_close(Q.T @ Q, torch.eye(32, dtype=F64), rtol=0, atol=1e-10)
+    assert per.history[0]["objective_fit"] == pytest.approx(one.history[0]["objective_fit"],
+                                                              rel=1e-12)
+    assert per.history[0]["objective"] <= one.history[0]["objective"] * (1 + 1e-12)
+    assert per.history[0]["objective"] < one.history[0]["objective"] * (1 - 1e-6)
+    rotated = rotate_residual(folded, per.Q)
+    total = 0.0
+    for name in per.layers:
+        W = rotated.get_submodule(name).weight.detach().to(F64)
+        F = nearest_kronecker(W, (4, 4), per.structures[name.split(".", 3)[-1]]["rank"])
+        total += float(((W - F.to_dense()) ** 2).sum())
+    assert total <= per.history[-1]["objective"] * (1 + 1e-8)
+    # weighted rounds per block: the identity of the quadratic form holds block by block
+    h = procrustes_rotation(folded, stats, per_block=True, q_iters=0,
+                            **{**kw, "method": "kron-aa"}).history[-1]
+    assert h["kind"] == "weighted" and h["objective"] == pytest.approx(h["objective_fit"],
+                                                                      rel=1e-9)
+
+
 def test_procrustes_bad_input(llama, folded_stats):
     folded, stats = folded_stats
     with pytest.raises(RotationUnsupported, match="fold_norms"):
@@ -369,3 +530,8 @@ def test_smollm2_fold_and_rotate_is_exact():
         assert _rel(folded(ids).logits, ref) < 1e-4
         rotate_residual(folded, hadamard(576), in_place=True)
         assert _rel(folded(ids).logits, ref) < 1e-4
+        mixed = fold_norms(model, tied_head="mix")
+        per_block = torch.stack([random_orthogonal(576, seed=i) for i in range(30)])
+        rotate_residual(mixed, per_block, in_place=True)
+        assert mixed.kronlab_rotation["extra_parameters"] == 576 ** 2 * 30   # 29 maps + mix
+        assert _rel(mixed(ids).logits, ref) < 1e-4
