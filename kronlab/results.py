@@ -75,6 +75,8 @@ DENSE_COMMAND = ".venv/bin/python scripts/record_dense.py"
 LAYER_DAMAGE_COMMAND = ".venv/bin/python scripts/layer_damage.py"
 HEAL_COMMAND = ".venv/bin/python scripts/heal_sweep.py"
 ABLATION_COMMAND = ".venv/bin/python scripts/ablation_sweep.py"
+#: the command that writes ``data/results/rotation_scope.json``
+ROTATION_SCOPE_COMMAND = ".venv/bin/python scripts/rotation_scope.py"
 #: Benchmark name (the file ``data/results/<name>.json``) -> the command that writes it.
 BENCHMARKS = {
     "bench_nkp": ".venv/bin/python benchmarks/bench_nkp.py",
@@ -345,6 +347,45 @@ def settings_differences(old_config: dict, config: dict, plan_keys) -> list[str]
     return sorted(k for k in set(same) | set(old_same) if same.get(k) != old_same.get(k))
 
 
+# ----------------------------------------------------------------------------- rotation scope
+
+def load_rotation_scope(path=None) -> dict:
+    """One global rotation against one per block: ``data/results/rotation_scope.json``.
+
+    Written by ``scripts/rotation_scope.py``. Returns the file's dict: ``config``,
+    ``layers``, ``layer_parameters``, ``blocks``, ``hidden_size``, ``machine`` and ``runs``,
+    one per (ratio, setting) with ``layer_ratio``, ``skip_parameters``, ``budget_kept``,
+    ``shapes``, ``ranks``, ``relative_objective`` (the Procrustes objective over
+    ``sum ||W||^2`` at the start and after every round), ``start``, ``end`` and
+    ``seconds``. A missing file names the command that writes it.
+    """
+    path = results_dir() / "rotation_scope.json" if path is None else Path(path)
+    data = _read_json(path, "rotation-scope comparison", ROTATION_SCOPE_COMMAND)
+    if not isinstance(data.get("runs"), list) or "layer_parameters" not in data:
+        raise ValueError(f"{path} is not a rotation-scope comparison (expected a list 'runs' "
+                         f"and 'layer_parameters'); rewrite it with `{ROTATION_SCOPE_COMMAND}`")
+    return data
+
+
+def rotation_scope_frame(data: dict) -> pd.DataFrame:
+    """One row per run of :func:`load_rotation_scope`'s dict: ratio, setting, layer_ratio,
+    budget_kept, skip_parameters, start, end, reduction (``1 - end / start``), seconds;
+    sorted by ratio (descending) in the script's setting order."""
+    import pandas as pd
+
+    rows = [{"ratio": float(r["ratio"]), "setting": r["setting"],
+             "layer_ratio": r["layer_ratio"], "budget_kept": r["budget_kept"],
+             "skip_parameters": r["skip_parameters"], "start": r["start"], "end": r["end"],
+             "reduction": 1 - r["end"] / r["start"] if r["start"] else float("nan"),
+             "seconds": r.get("seconds")} for r in data["runs"]]
+    df = pd.DataFrame(rows)
+    if len(df):
+        order = {s: i for i, s in enumerate(dict.fromkeys(df.setting))}
+        df = df.assign(_o=df.setting.map(order)).sort_values(
+            ["ratio", "_o"], ascending=[False, True]).drop(columns="_o").reset_index(drop=True)
+    return df
+
+
 # ----------------------------------------------------------------------------- healing
 
 def load_heal(path=None) -> dict:
@@ -474,7 +515,8 @@ def run_settings_key(run: dict) -> str:
     """An ablation run's settings beyond its variant, as the label that keeps runs apart:
     the allocation's (:func:`run_allocation_key`), ``"asymmetric <damping>"`` for a
     closed loop fitted to the dense model's outputs (``closed_loop_target == "dense"``)
-    and ``"per-block Q"`` for rotations with one Q per decoder block.
+    ``"hadamard Q"`` / ``"random Q"`` for the rotation baselines and ``"per-block Q"`` for
+    rotations with one Q per decoder block.
 
     >>> run_settings_key({"allocation_key": "fisher", "closed_loop_target": "dense",
     ...                   "closed_loop_damping": 0.1})
@@ -483,10 +525,14 @@ def run_settings_key(run: dict) -> str:
     ''
     >>> run_settings_key({"rotation_scope": "block"})
     'per-block Q'
+    >>> run_settings_key({"rotation_q": "hadamard"})
+    'hadamard Q'
     """
     parts = [run_allocation_key(run)]
     if run.get("closed_loop_target") == "dense":
         parts.append(f"asymmetric {run.get('closed_loop_damping', 0.01):g}")
+    if run.get("rotation_q", "procrustes") != "procrustes":
+        parts.append(f"{run['rotation_q']} Q")
     if run.get("rotation_scope") == "block":
         parts.append("per-block Q")
     return ", ".join(p for p in parts if p)

@@ -738,7 +738,8 @@ def procrustes_rotation(model, stats=None, *, method: str = "kron-aa", ratio: fl
     q_iters : steps of each weighted Q-step
     per_block : one ``Q_i`` per decoder block instead of one Q: the objective is a sum over
         blocks, block ``i``'s terms depend on ``Q_i`` only, so every step above is solved
-        per block (same cost); blocks with no layer in the objective keep ``init``. The
+        per block (same cost); blocks with no layer in the objective keep ``init``
+        (``init="random"`` draws block ``i``'s with seed ``seed + i``). The
         result's ``Q`` is ``(L, d, d)``; rotating by it adds ``L - 1`` skip maps of
         ``d^2`` parameters (:func:`rotate_residual`), to be paid from the budget
     device : where to compute (default the model's device)
@@ -850,6 +851,8 @@ def procrustes_rotation(model, stats=None, *, method: str = "kron-aa", ratio: fl
     for n in names:
         members.setdefault(group(n), []).append(n)
     Qs = {g: Q for g in members}
+    if per_block and isinstance(init, str) and init == "random":  # a different Q per block
+        Qs = {g: random_orthogonal(d, seed + g).to(device) for g in members}
     history = []
     for rnd in tqdm(range(int(iters)), desc="procrustes (Frobenius)", disable=not progress):
         t0 = time.perf_counter()
@@ -892,7 +895,10 @@ def procrustes_rotation(model, stats=None, *, method: str = "kron-aa", ratio: fl
               "q_iters": q_iters, "als_sweeps": als_sweeps, "n_layers": len(names),
               "per_block": bool(per_block)}
     if per_block:  # blocks outside the objective keep the starting Q
-        Q_out = torch.stack([Qs.get(i, Q) for i in range(len(lay.blocks))]).cpu()
+        rand = isinstance(init, str) and init == "random"
+        Q_out = torch.stack([Qs[i].cpu() if i in Qs else
+                             (random_orthogonal(d, seed + i) if rand else Q.cpu())
+                             for i in range(len(lay.blocks))])
     else:
         Q_out = Qs[0].cpu()
     return ProcrustesResult(Q=Q_out, history=history, structures=structures, layers=roles,
@@ -944,7 +950,8 @@ def _weighted_terms(W, roles, Q, names, structures, cov, gcov, st, rotated, rota
 def per_block_layer_ratio(model, names, ratio: float) -> tuple[float, int]:
     """The fraction of the layers ``names`` keep when per-block rotations' skip maps are
     paid from the budget ``ratio``: ``(ratio * P - (L - 1) d^2) / P`` with ``P`` the layers'
-    dense parameters; returned with the maps' parameters ``(L - 1) d^2``.
+    dense parameters; returned with the maps' parameters ``(L - 1) d^2`` (fewer when
+    ``names`` cover only some blocks: one map at each boundary next to a covered block).
 
     One global Q costs no parameters; ``L`` per-block Qs need ``L - 1`` maps
     (:func:`rotate_residual`). On SmolLM2 (``L = 30``, ``d = 576``, ``P = 106.2 M``) the
@@ -962,11 +969,15 @@ def per_block_layer_ratio(model, names, ratio: float) -> tuple[float, int]:
         total += int(W.shape[0]) * int(W.shape[1])
     if total == 0:
         raise ValueError("no layers given: the budget is a fraction of their parameters")
-    skip = (len(lay.blocks) - 1) * lay.hidden_size ** 2
+    # a map sits at every block boundary next to a block with its own Q (blocks without
+    # layers in ``names`` keep the starting Q: procrustes_rotation(per_block=True))
+    own = {lay.block_of[n] for n in names if n in lay.block_of}
+    n_maps = sum(1 for i in range(1, len(lay.blocks)) if i in own or i - 1 in own)
+    skip = n_maps * lay.hidden_size ** 2
     left = (ratio * total - skip) / total
     if left <= 0:
         raise ValueError(
-            f"per-block rotations need {len(lay.blocks) - 1} skip maps of {lay.hidden_size}^2 "
+            f"per-block rotations need {n_maps} skip maps of {lay.hidden_size}^2 "
             f"= {skip:,} parameters, more than ratio {ratio:g} keeps of the layers' {total:,} "
             f"(needs a ratio above {skip / total:.3f}); use one global rotation instead")
     return float(left), int(skip)

@@ -25,7 +25,8 @@ model and record the perplexity on the held-out part of each evaluation corpus. 
   the Procrustes factor shapes fixed (``compress(structures=...)``); with
   ``--rotation-scope block`` one ``Q`` per decoder block instead, whose ``L - 1`` skip
   maps are paid from the ratio's budget (:func:`kronlab.rotate.per_block_layer_ratio`;
-  part of the run's identity, label ``per-block Q``);
+  part of the run's identity, label ``per-block Q``); ``--rotation-q hadamard`` or
+  ``random`` replace the Procrustes Q by the baselines (label ``hadamard Q``, ``random Q``);
 * ``all``: rotation (Kronecker only) + allocation + closed loop.
 
 Kronecker methods run with ``--macs-cap`` (forward MACs per token at most that fraction of
@@ -75,7 +76,8 @@ VARIANTS = ("none", "allocation", "closed-loop", "rotation", "all")
 COMPONENTS = {"none": (), "allocation": ("allocation",), "closed-loop": ("closed-loop",),
               "rotation": ("rotation",), "all": ("rotation", "allocation", "closed-loop")}
 PLAN_KEYS = ("methods", "ratios", "variants", "seeds", "threads", "device", "alloc_metric",
-             "alloc_min_ratio", "closed_loop_target", "closed_loop_damping", "rotation_scope")
+             "alloc_min_ratio", "closed_loop_target", "closed_loop_damping", "rotation_scope",
+             "rotation_q")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotation: one Q for the residual stream (global, no parameters) or "
                         "one per decoder block (block: L-1 skip maps of d^2 parameters, paid "
                         "from the ratio's budget)")
+    p.add_argument("--rotation-q", default="procrustes",
+                   choices=["procrustes", "hadamard", "random"],
+                   help="rotation: Q chosen by Procrustes steps, or the baselines (a Hadamard "
+                        "matrix; a random orthogonal one drawn with the calibration seed)")
     p.add_argument("--procrustes-iters", type=int, default=20, help="Frobenius rounds")
     p.add_argument("--procrustes-weighted-rounds", type=int, default=1)
     p.add_argument("--alloc-measure", default="fit", choices=["fit", "spectrum"])
@@ -192,6 +198,9 @@ def main(argv=None) -> int:
         p.error(f"--alloc-min-ratio must lie in (0, {min(args.ratios):g}] (at most the smallest "
                 f"of --ratios), got {args.alloc_min_ratio}")
 
+    if args.rotation_q == "hadamard" and args.rotation_scope == "block":
+        p.error("--rotation-q hadamard is one fixed Q, the same for every block: use "
+                "--rotation-scope global (or --rotation-q procrustes/random per block)")
     if args.closed_loop_damping < 0:
         p.error(f"--closed-loop-damping must be >= 0, got {args.closed_loop_damping}")
     if args.closed_loop_target == "dense" and any(
@@ -249,9 +258,11 @@ def main(argv=None) -> int:
                     tkey = cl_target if "closed-loop" in COMPONENTS[variant] else "compressed"
                     scope = args.rotation_scope if "rotation" in COMPONENTS[variant] and \
                         method.startswith("kron") else "global"
+                    rq = args.rotation_q if "rotation" in COMPONENTS[variant] and \
+                        method.startswith("kron") else "procrustes"
                     key = run_settings_key({"allocation_key": akey, "closed_loop_target": tkey,
                                             "closed_loop_damping": args.closed_loop_damping,
-                                            "rotation_scope": scope})
+                                            "rotation_scope": scope, "rotation_q": rq})
                     plan.append((seed, ratio, method, variant, key, akey, tkey))
     done = {run_key(r) for r in results["runs"]}
     todo = [x for x in plan if x[:5] not in done]
@@ -345,12 +356,20 @@ def main(argv=None) -> int:
             else:
                 shapes = rotation_a_shapes(fd["folded"], names, method=method, ratio=fit_ratio,
                                            macs_ratio=macs, stats=fd["fstats"])
-            res = procrustes_rotation(fd["folded"], fd["fstats"], method=method,
-                                      ratio=fit_ratio, iters=args.procrustes_iters,
-                                      weighted_rounds=args.procrustes_weighted_rounds,
-                                      shapes=shapes, layers=args.layers, per_block=per_block,
-                                      als_sweeps=args.als_sweeps, device=args.device,
-                                      progress=False)
+            if args.rotation_q == "procrustes":
+                res = procrustes_rotation(fd["folded"], fd["fstats"], method=method,
+                                          ratio=fit_ratio, iters=args.procrustes_iters,
+                                          weighted_rounds=args.procrustes_weighted_rounds,
+                                          shapes=shapes, layers=args.layers,
+                                          per_block=per_block, als_sweeps=args.als_sweeps,
+                                          device=args.device, progress=False)
+            else:  # a baseline Q: no Procrustes step (iters 0, no weighted round)
+                run["rotation_q"] = args.rotation_q
+                res = procrustes_rotation(fd["folded"], method=method, ratio=fit_ratio,
+                                          iters=0, weighted=False, init=args.rotation_q,
+                                          seed=seed, shapes=shapes, layers=args.layers,
+                                          per_block=per_block, device=args.device,
+                                          progress=False)
             base = rotate_residual(fd["folded"], res.Q)
             stats = rotate_statistics(fd["fstats"], fd["folded"], res.Q)
             phases["rotation"] = fd["fold_seconds"] + (time.perf_counter() - t)
@@ -361,6 +380,7 @@ def main(argv=None) -> int:
             run["rotation"] = {"procrustes": res.to_dict(), "tied_head": args.tied_head,
                                "shapes": args.rotation_shapes,
                                "scope": args.rotation_scope, "skip_parameters": skip,
+                               "q": args.rotation_q,
                                "layer_ratio": fit_ratio,
                                "extra_parameters": base.kronlab_rotation["extra_parameters"]}
         ratios = None

@@ -299,6 +299,22 @@ def test_sweep_runs_every_variant_and_resumes(script, tmp_path, monkeypatch):
                                  + r["layer_params_after"] + 32 * 32 + 1024)
     frame = kronlab.results.ablation_frame(res5)
     assert {"rotation", "rotation [per-block Q]"} <= set(frame.variant)
+    # the baselines: a Hadamard Q (global) and random Qs per block, no Procrustes step
+    assert script.main([*tiny, "--methods", "kron-fisher", "--variants", "rotation",
+                        "--rotation-q", "hadamard", "--resume"]) == 0
+    assert script.main([*tiny, "--methods", "kron-fisher", "--variants", "rotation",
+                        "--rotation-q", "random", "--rotation-scope", "block", "--resume"]) == 0
+    res6 = json.loads(out.read_text())
+    new = res6["runs"][len(res5["runs"]):]
+    assert [(r["rotation_q"], r["rotation"]["scope"]) for r in new] == [("hadamard", "global"),
+                                                                        ("random", "block")]
+    assert new[0]["rotation"]["procrustes"]["history"] == []
+    assert new[0]["rotation"]["extra_parameters"] == 32 * 32
+    assert new[1]["rotation"]["extra_parameters"] == 32 * 32 + 1024   # random Q differ by block
+    frame = kronlab.results.ablation_frame(res6)
+    assert {"rotation [hadamard Q]", "rotation [random Q, per-block Q]"} <= set(frame.variant)
+    with pytest.raises(SystemExit):
+        script.main([*tiny, "--rotation-q", "hadamard", "--rotation-scope", "block"])
 
 
 def test_sweep_rejects_bad_closed_loop_settings(script, capsys):

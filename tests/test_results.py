@@ -380,6 +380,29 @@ def test_load_heal_errors(tmp_path):
         results.load_heal(bad)
 
 
+def test_rotation_scope_frame(tmp_path):
+    def run(ratio, setting, start, end, skip):
+        return {"ratio": ratio, "setting": setting, "layer_ratio": ratio - skip / 100,
+                "budget_kept": ratio, "skip_parameters": skip, "start": start, "end": end,
+                "relative_objective": [start, end], "seconds": 1.0}
+
+    data = {"layer_parameters": 100, "runs": [
+        run(0.6, "global", 0.2, 0.15, 0), run(0.8, "global", 0.1, 0.08, 0),
+        run(0.8, "block, paid", 0.14, 0.09, 9)]}
+    path = tmp_path / "scope.json"
+    path.write_text(json.dumps(data))
+    df = results.rotation_scope_frame(results.load_rotation_scope(path))
+    assert list(zip(df.ratio, df.setting, strict=True)) == [(0.8, "global"), (0.8, "block, paid"),
+                                               (0.6, "global")]
+    assert df.reduction.tolist() == pytest.approx([0.2, 1 - 0.09 / 0.14, 0.25])
+    assert df.layer_ratio.tolist() == pytest.approx([0.8, 0.71, 0.6])
+    with pytest.raises(FileNotFoundError, match="scripts/rotation_scope.py"):
+        results.load_rotation_scope(tmp_path / "missing.json")
+    path.write_text(json.dumps({"runs": []}))
+    with pytest.raises(ValueError, match="not a rotation-scope comparison"):
+        results.load_rotation_scope(path)
+
+
 # ----------------------------------------------------------------------------- ablation
 
 def _fake_ablation():
