@@ -92,8 +92,21 @@ def main(argv=None) -> int:
     macs = args.macs_ratio if args.macs_ratio > 0 else None
     out_path = Path(args.out)
     runs = []
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
+    commands = []
     if args.resume and out_path.exists():
-        runs = json.loads(out_path.read_text())["runs"]
+        old = json.loads(out_path.read_text())
+        keep = ("model", "macs_ratio", "iters", "layers", "seed")
+        diff = [k for k in keep if k in old["config"] and old["config"][k] != config[k]]
+        if diff:
+            raise SystemExit(f"--resume: {out_path} was made with other settings {diff}; use "
+                             "another --out")
+        runs = old["runs"]
+        commands = old.get("commands", [])
+        recorded = {"ratios": [r["ratio"] for r in runs], "settings": [r["setting"] for r in runs]}
+        for key in ("ratios", "settings"):
+            config[key] = list(dict.fromkeys(old["config"].get(key, recorded[key]) + config[key]))
+    commands.append(" ".join(sys.argv))
     done = {(r["ratio"], r["setting"]) for r in runs}
     norm2 = sum(float((folded.get_submodule(n).weight.detach().double() ** 2).sum())
                 for n in names)
@@ -140,7 +153,7 @@ def main(argv=None) -> int:
             runs.append(run)
             print(f"ratio {ratio:.2f} {setting:17s}: layers keep {layer_ratio:.3f}, objective "
                   f"{rel[0]:.4f} -> {rel[-1]:.4f} ({run['seconds']:.0f} s)", flush=True)
-            out = {"config": vars(args), "layers": len(names), "layer_parameters": total,
+            out = {"config": config, "commands": commands, "layers": len(names), "layer_parameters": total,
                    "blocks": len(lay.blocks), "hidden_size": lay.hidden_size, "runs": runs,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "machine": machine_info("cpu")}

@@ -324,3 +324,35 @@ def test_sweep_rejects_bad_closed_loop_settings(script, capsys):
         with pytest.raises(SystemExit):
             script.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_rotation_scope_script(tmp_path, monkeypatch):
+    """scripts/rotation_scope.py on a tiny Llama: one round from Q = I, so one Q per block
+    ends no higher than one global Q (the same fits, a larger set of Qs); the paid setting
+    keeps fewer layer parameters; the baselines report their fixed Q; --resume adds."""
+    spec = importlib.util.spec_from_file_location("rotation_scope",
+                                                  ROOT / "scripts" / "rotation_scope.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, tok = tiny_llama(seed=0, n_layers=3)
+    monkeypatch.setattr(kronlab.models, "load_model", lambda spec=None, **kw: (model, tok))
+    out = tmp_path / "scope.json"
+    argv = ["--ratios", "0.5", "--iters", "1", "--macs-ratio", "0", "--threads", "1",
+            "--out", str(out)]
+    assert mod.main([*argv, "--settings", "global", "block, same ratio", "block, paid"]) == 0
+    runs = {r["setting"]: r for r in json.loads(out.read_text())["runs"]}
+    g, same, paid = runs["global"], runs["block, same ratio"], runs["block, paid"]
+    assert same["start"] == pytest.approx(g["start"], rel=1e-12)
+    assert same["end"] <= g["end"] * (1 + 1e-12) and g["end"] < g["start"]
+    assert paid["skip_parameters"] == 2 * 32 * 32 and same["skip_parameters"] == 2 * 32 * 32
+    assert paid["layer_ratio"] == pytest.approx(0.5 - 2048 / (3 * 9216))
+    assert paid["budget_kept"] == pytest.approx(0.5) and g["skip_parameters"] == 0
+    assert mod.main([*argv, "--settings", "hadamard", "random", "--resume"]) == 0
+    data = json.loads(out.read_text())
+    assert [r["setting"] for r in data["runs"]] == ["global", "block, same ratio", "block, paid",
+                                                    "hadamard", "random"]
+    assert data["config"]["settings"] == [r["setting"] for r in data["runs"]]
+    for r in data["runs"][3:]:
+        assert r["start"] == pytest.approx(g["start"], rel=1e-12) and r["end"] != r["start"]
+    frame = kronlab.results.rotation_scope_frame(data)
+    assert len(frame) == 5
