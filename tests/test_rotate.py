@@ -182,18 +182,25 @@ def test_rotate_needs_folded_norms_and_an_orthogonal_q(llama):
         rotate_residual(folded, torch.eye(16))
 
 
-def test_rotate_statistics_equals_recollection(llama):
-    folded = fold_norms(llama)
+def _check_moved_statistics(folded, Q, seed):
+    """Statistics moved by ``rotate_statistics`` equal those collected on the rotated model;
+    returns (stats, moved, recollected)."""
     lay = residual_layout(folded)
     names = list(dict.fromkeys(lay.readers + lay.writers))
-    ids = _ids(shape=(4, 16), seed=3)
-    Q = random_orthogonal(32, seed=5)
+    ids = _ids(shape=(4, 16), seed=seed)
     stats = collect_statistics(folded, ids, names, progress=False)
     recollected = collect_statistics(rotate_residual(folded, Q), ids, names, progress=False)
     moved = rotate_statistics(stats, folded, Q)
     for n in names:
         assert _rel(moved.cov[n], recollected.cov[n]) < 1e-4, n
         assert _rel(moved.gcov[n], recollected.gcov[n]) < 1e-4, n
+    return stats, moved, recollected
+
+
+def test_rotate_statistics_equals_recollection(llama):
+    folded = fold_norms(llama)
+    Q = random_orthogonal(32, seed=5)
+    stats, moved, recollected = _check_moved_statistics(folded, Q, seed=3)
     # something did change, and sharing is kept
     assert _rel(stats.cov["lm_head"], recollected.cov["lm_head"]) > 0.1
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
@@ -288,16 +295,7 @@ def test_per_block_rotation_bad_input(llama3):
 
 def test_per_block_statistics_equal_recollection(llama3):
     folded = fold_norms(llama3, tied_head="mix")
-    lay = residual_layout(folded)
-    names = list(dict.fromkeys(lay.readers + lay.writers))
-    ids = _ids(shape=(4, 16), seed=8)
-    Qs = _block_qs(3, seed=20)
-    stats = collect_statistics(folded, ids, names, progress=False)
-    recollected = collect_statistics(rotate_residual(folded, Qs), ids, names, progress=False)
-    moved = rotate_statistics(stats, folded, Qs)
-    for n in names:
-        assert _rel(moved.cov[n], recollected.cov[n]) < 1e-4, n
-        assert _rel(moved.gcov[n], recollected.gcov[n]) < 1e-4, n
+    _, moved, _ = _check_moved_statistics(folded, _block_qs(3, seed=20), seed=8)
     q, v = "model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"
     assert moved.cov[q] is moved.cov[v]
 
