@@ -616,8 +616,6 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
     """``kronlab compress`` with --rotate / --allocate / --closed-loop, in that order, on
     ``model`` in place: fold and rotate the residual stream (statistics rotated exactly),
     spread the budget, then fit (closed loop: block by block). Returns (model, report, extra)."""
-    import torch
-
     from .allocate import allocate
     from .calibration import collect_statistics
     from .closed_loop import compress_closed_loop
@@ -679,9 +677,12 @@ def _compress_pipeline(model, tokenizer, targets, s, sw):
                 extra["procrustes"] = res.to_dict()
             elif s["rotate"] == "hadamard":
                 Q = hadamard(d)
-            elif per_block:
-                Q = torch.stack([random_orthogonal(d, s["seed"] + i)
-                                 for i in range(len(lay.blocks))])
+            elif per_block:  # a random Q per block with layers to compress (seed + block)
+                Q = procrustes_rotation(model, method=s["method"], ratio=ratio, iters=0,
+                                        weighted=False, init="random", seed=s["seed"],
+                                        shapes=shapes, layers=s["layers"],
+                                        exclude=s["exclude"], per_block=True,
+                                        device=s["device"], progress=False).Q
             else:
                 Q = random_orthogonal(d, s["seed"])
             if stats is not None:

@@ -738,8 +738,9 @@ def procrustes_rotation(model, stats=None, *, method: str = "kron-aa", ratio: fl
     q_iters : steps of each weighted Q-step
     per_block : one ``Q_i`` per decoder block instead of one Q: the objective is a sum over
         blocks, block ``i``'s terms depend on ``Q_i`` only, so every step above is solved
-        per block (same cost); blocks with no layer in the objective keep ``init``
-        (``init="random"`` draws block ``i``'s with seed ``seed + i``). The
+        per block (same cost); ``init="random"`` draws block ``i``'s start with seed
+        ``seed + i``; blocks with no layer in the objective keep the starting Q (for
+        ``"random"``, seed ``seed``'s), so no maps sit between two of them. The
         result's ``Q`` is ``(L, d, d)``; rotating by it adds ``L - 1`` skip maps of
         ``d^2`` parameters (:func:`rotate_residual`), to be paid from the budget
     device : where to compute (default the model's device)
@@ -895,10 +896,8 @@ def procrustes_rotation(model, stats=None, *, method: str = "kron-aa", ratio: fl
               "q_iters": q_iters, "als_sweeps": als_sweeps, "n_layers": len(names),
               "per_block": bool(per_block)}
     if per_block:  # blocks outside the objective keep the starting Q
-        rand = isinstance(init, str) and init == "random"
-        Q_out = torch.stack([Qs[i].cpu() if i in Qs else
-                             (random_orthogonal(d, seed + i) if rand else Q.cpu())
-                             for i in range(len(lay.blocks))])
+        # blocks outside the objective share the starting Q: no maps between two of them
+        Q_out = torch.stack([(Qs[i] if i in Qs else Q).cpu() for i in range(len(lay.blocks))])
     else:
         Q_out = Qs[0].cpu()
     return ProcrustesResult(Q=Q_out, history=history, structures=structures, layers=roles,

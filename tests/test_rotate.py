@@ -502,6 +502,26 @@ def test_procrustes_per_block_does_at_least_as_well_and_reports_its_objective(fo
                                                                       rel=1e-9)
 
 
+def test_per_block_random_start_on_some_blocks_needs_maps_only_next_to_them():
+    from kronlab.rotate import per_block_layer_ratio
+
+    model, _ = tiny_llama(0, n_layers=4)
+    folded = fold_norms(_randomize_norms(model, seed=3), tied_head="mix")
+    layers = "model.layers.1.*"
+    res = procrustes_rotation(folded, method="kron", ratio=0.5, iters=0, weighted=False,
+                              init="random", seed=7, per_block=True, layers=layers,
+                              shapes=SHAPES_44, progress=False)
+    torch.testing.assert_close(res.Q[1], random_orthogonal(32, seed=8), rtol=0, atol=0)
+    for i in (0, 2, 3):
+        torch.testing.assert_close(res.Q[i], random_orthogonal(32, seed=7), rtol=0, atol=0)
+    rotated = rotate_residual(folded, res.Q)
+    assert residual_layout(rotated).residual_maps == ["model.layers.1", "model.layers.2"]
+    names = list(find_linear_layers(folded, include=layers))
+    assert per_block_layer_ratio(folded, names, 0.5)[1] == residual_map_parameters(rotated)
+    ids = _ids(seed=12)
+    assert _rel(rotated(ids).logits, model(ids).logits) < 1e-4
+
+
 def test_procrustes_bad_input(llama, folded_stats):
     folded, stats = folded_stats
     with pytest.raises(RotationUnsupported, match="fold_norms"):
