@@ -739,7 +739,7 @@ def procrustes_rotation(model, stats=None, *, method: str = "kron-aa", ratio: fl
     per_block : one ``Q_i`` per decoder block instead of one Q: the objective is a sum over
         blocks, block ``i``'s terms depend on ``Q_i`` only, so every step above is solved
         per block (same cost); ``init="random"`` draws block ``i``'s start with seed
-        ``seed + i``; blocks with no layer in the objective keep the starting Q (for
+        ``seed + 1 + i``; blocks with no layer in the objective keep the starting Q (for
         ``"random"``, seed ``seed``'s), so no maps sit between two of them. The
         result's ``Q`` is ``(L, d, d)``; rotating by it adds ``L - 1`` skip maps of
         ``d^2`` parameters (:func:`rotate_residual`), to be paid from the budget
@@ -853,7 +853,8 @@ def procrustes_rotation(model, stats=None, *, method: str = "kron-aa", ratio: fl
         members.setdefault(group(n), []).append(n)
     Qs = {g: Q for g in members}
     if per_block and isinstance(init, str) and init == "random":  # a different Q per block
-        Qs = {g: random_orthogonal(d, seed + g).to(device) for g in members}
+        # (seed + 1 + g: none equals the shared start of the blocks outside, seed's)
+        Qs = {g: random_orthogonal(d, seed + 1 + g).to(device) for g in members}
     history = []
     for rnd in tqdm(range(int(iters)), desc="procrustes (Frobenius)", disable=not progress):
         t0 = time.perf_counter()

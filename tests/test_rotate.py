@@ -511,7 +511,7 @@ def test_per_block_random_start_on_some_blocks_needs_maps_only_next_to_them():
     res = procrustes_rotation(folded, method="kron", ratio=0.5, iters=0, weighted=False,
                               init="random", seed=7, per_block=True, layers=layers,
                               shapes=SHAPES_44, progress=False)
-    torch.testing.assert_close(res.Q[1], random_orthogonal(32, seed=8), rtol=0, atol=0)
+    torch.testing.assert_close(res.Q[1], random_orthogonal(32, seed=9), rtol=0, atol=0)
     for i in (0, 2, 3):
         torch.testing.assert_close(res.Q[i], random_orthogonal(32, seed=7), rtol=0, atol=0)
     rotated = rotate_residual(folded, res.Q)
@@ -520,6 +520,14 @@ def test_per_block_random_start_on_some_blocks_needs_maps_only_next_to_them():
     assert per_block_layer_ratio(folded, names, 0.5)[1] == residual_map_parameters(rotated)
     ids = _ids(seed=12)
     assert _rel(rotated(ids).logits, model(ids).logits) < 1e-4
+    # block 0 alone: its own Q differs from the shared one, so one map is needed and paid
+    res = procrustes_rotation(folded, method="kron", ratio=0.5, iters=0, weighted=False,
+                              init="random", seed=7, per_block=True, layers="model.layers.0.*",
+                              shapes=SHAPES_44, progress=False)
+    rotated = rotate_residual(folded, res.Q)
+    names = list(find_linear_layers(folded, include="model.layers.0.*"))
+    assert residual_layout(rotated).residual_maps == ["model.layers.1"]
+    assert per_block_layer_ratio(folded, names, 0.5)[1] == residual_map_parameters(rotated)
 
 
 def test_procrustes_bad_input(llama, folded_stats):
