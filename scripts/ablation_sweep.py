@@ -288,7 +288,7 @@ def main(argv=None) -> int:
 
     if not results["dense"]:
         results["dense"] = {"ppl": evaluate(model), "parameters": _count(model)}
-        write_atomic(out, json.dumps(results, indent=1, default=str))
+        write_atomic(out, json.dumps(results, separators=(",", ":"), default=str))
     print("dense: " + ", ".join(f"{k} {v['perplexity']:.2f}"
                                 for k, v in results["dense"]["ppl"].items()), flush=True)
 
@@ -441,7 +441,7 @@ def main(argv=None) -> int:
         run["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         run["machine"] = machine_info(args.device, load_start=run_load)
         results["runs"].append(run)
-        write_atomic(out, json.dumps(results, indent=1, default=str))
+        write_atomic(out, json.dumps(results, separators=(",", ":"), default=str))
         ppl = ", ".join(f"{k} {v['perplexity']:.2f}" for k, v in run["ppl"].items())
         label = variant + (f" [{skey}]" if skey else "")
         print(f"seed {seed} {method:11s} {ratio:.2f} {label:11s}: {ppl}; params kept "
